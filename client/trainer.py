@@ -1,0 +1,119 @@
+"""Local training at a site: LoRA parameters only, with Opacus DP-SGD or (for comparison) without.
+
+DP-SGD here is the textbook mechanism (Abadi et al., 2016) as Opacus implements it:
+Poisson-sampled batches at rate q = batch_size / records, each example's gradient clipped to
+L2 norm <= C, Gaussian noise N(0, (sigma C)^2) added to the sum, divided by the expected batch size.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+
+from common.config import DPConfig, TrainConfig
+from common.data import EncodedDataset, PadCollator
+from common.models import TaskKind
+from common.tasks import per_sample_loss
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    steps: int
+    examples_seen: int  # examples actually sampled across all steps
+    sample_rate: float  # q used for accounting (0 without DP)
+
+
+def poisson_sample_rate(records: int, batch_size: int) -> float:
+    """The sample rate Opacus derives for a loader of this size (1 / batches per epoch)."""
+    return 1.0 / math.ceil(records / min(batch_size, records))
+
+
+def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _batches(loader: torch.utils.data.DataLoader, steps: int):
+    """`steps` batches, restarting the loader as often as needed."""
+    done = 0
+    while done < steps:
+        for batch in loader:
+            yield batch
+            done += 1
+            if done == steps:
+                return
+
+
+def train_local(
+    model: torch.nn.Module,
+    dataset: EncodedDataset,
+    *,
+    task: TaskKind,
+    pad_id: int,
+    device: torch.device,
+    train: TrainConfig,
+    dp: DPConfig,
+    noise_multiplier: float,
+    steps: int,
+    seed: int,
+) -> TrainResult:
+    """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = _optimizer(params, train)
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=min(train.batch_size, len(dataset)),
+        shuffle=True,
+        collate_fn=PadCollator(pad_id),
+        generator=generator,
+    )
+    sample_rate = 0.0
+    module: torch.nn.Module = model
+    if dp.enabled:
+        engine = PrivacyEngine(accountant=dp.accountant)
+        with warnings.catch_warnings():
+            # Opacus warns about the secure RNG; fedtune documents that choice in the README.
+            warnings.simplefilter("ignore")
+            module, optimizer, loader = engine.make_private(
+                module=model,
+                optimizer=optimizer,
+                data_loader=loader,
+                noise_multiplier=noise_multiplier,
+                max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True,
+            )
+        sample_rate = float(loader.sample_rate)
+    losses: list[float] = []
+    seen = 0
+    try:
+        for batch in _batches(loader, steps):
+            optimizer.zero_grad(set_to_none=True)
+            n = int(batch["input_ids"].shape[0])
+            if n == 0:
+                # An empty Poisson batch is still a DP step: the update is pure noise.
+                for p in params:
+                    p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
+                optimizer.step()
+                continue
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = per_sample_loss(module, batch, task).mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            seen += n
+    finally:
+        if dp.enabled:
+            module._close()  # remove Opacus hooks: the model is reused next round
+            for p in params:
+                p.grad_sample = None
+            optimizer.zero_grad(set_to_none=True)
+    mean_loss = sum(losses) / len(losses) if losses else math.nan
+    return TrainResult(mean_loss, steps, seen, sample_rate)

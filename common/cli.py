@@ -1,0 +1,105 @@
+"""The `fedtune` command line (typer + rich).
+
+Heavy imports (torch, Flower, transformers) happen inside the commands so that `--help` and
+config errors are instant.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from common.config import ConfigError, config_to_toml, load_config
+
+app = typer.Typer(
+    help="fedtune: federated, differentially private LoRA fine-tuning of language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+console = Console()
+err_console = Console(stderr=True)
+
+CONFIG_OPT = typer.Option(None, "--config", "-c", help="Run configuration (TOML).")
+SET_OPT = typer.Option(
+    None, "--set", "-s", help="Override a key, e.g. --set dp.target_epsilon=3 (repeatable)."
+)
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/bold red] {message}")
+    raise typer.Exit(2)
+
+
+def _load(config: Path | None, overrides: list[str] | None):
+    try:
+        return load_config(config, overrides or [])
+    except ConfigError as e:
+        _fail(str(e))
+
+
+@config_app.command("show")
+def config_show(config: Path | None = CONFIG_OPT, set_: list[str] | None = SET_OPT) -> None:
+    """Print the effective configuration (defaults + file + overrides) as TOML."""
+    cfg = _load(config, set_)
+    console.print(config_to_toml(cfg), markup=False, highlight=False)
+
+
+@app.command()
+def simulate(
+    config: Path | None = CONFIG_OPT,
+    set_: list[str] | None = SET_OPT,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+) -> None:
+    """Run a federated DP-LoRA fine-tuning with N simulated sites on this machine."""
+    cfg = _load(config, set_)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from common.data import DataError
+    from common.models import ModelLoadError
+    from common.privacy import PrivacyBudgetError
+    from simulations.partition import PartitionError
+    from simulations.progress import RichRoundListener, print_summary
+    from simulations.quiet import quiet_libraries
+    from simulations.runner import prepare_run, run_prepared
+
+    quiet_libraries()
+    user_errors = (DataError, ModelLoadError, PrivacyBudgetError, PartitionError,
+                   FileExistsError, ValueError)
+    try:
+        prepared = prepare_run(cfg)
+    except user_errors as e:
+        _fail(str(e))
+    cfg = prepared.cfg
+    console.rule(f"fedtune simulate — {prepared.run_id}")
+    console.print(
+        f"model [bold]{cfg.model.name}[/bold] | {cfg.federation.num_sites} sites "
+        f"({cfg.data.partition}) | {cfg.federation.rounds} rounds x {cfg.train.local_steps} "
+        f"local steps | DP {'on' if cfg.dp.enabled else 'off'}"
+        + (f" (target ε={cfg.dp.target_epsilon}, δ={cfg.dp.delta:g})"
+           if cfg.dp.enabled and cfg.dp.noise_multiplier is None else "")
+        + f" | secure aggregation {'on' if cfg.federation.secagg else 'off'}"
+    )
+    console.print(f"run directory: {prepared.run_dir}")
+    try:
+        with console.status("loading the base model (first use builds the local cache)"):
+            from common.models import ensure_cached
+
+            ensure_cached(cfg.model.name, cfg.model.cache_dir)
+        with RichRoundListener(console, cfg.federation.rounds, cfg.federation.num_sites) as bar:
+            metrics = run_prepared(prepared, listener=bar, verbose=verbose)
+    except user_errors as e:
+        _fail(str(e))
+    print_summary(console, metrics, prepared.run_dir, cfg.dp.enabled)
+    finished = [m["round"] for m in metrics]
+    if cfg.federation.rounds not in finished:
+        _fail(f"the run stopped before round {cfg.federation.rounds}; see {prepared.run_dir}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,42 @@
+"""One base model + LoRA per process, reused across rounds and across simulated sites."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from common.config import RunConfig
+from common.lora import apply_lora
+from common.models import TaskKind, load_base_model
+
+
+@dataclass
+class ModelRuntime:
+    model: torch.nn.Module  # PeftModel
+    tokenizer: Any
+    task: TaskKind
+    device: torch.device
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id)
+
+
+_CACHE: dict[tuple, ModelRuntime] = {}
+
+
+def get_runtime(cfg: RunConfig, task: TaskKind, num_labels: int | None) -> ModelRuntime:
+    """Load (once per process) the base model wrapped with the configured LoRA adapter."""
+    key = (
+        cfg.model.name, cfg.model.device, cfg.model.dtype, str(cfg.model.cache_dir), task,
+        num_labels, cfg.lora.model_dump_json(),
+    )
+    if key not in _CACHE:
+        base, tok, dev = load_base_model(
+            cfg.model.name, task, num_labels=num_labels, device=cfg.model.device,
+            dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
+        )
+        _CACHE[key] = ModelRuntime(apply_lora(base, task, cfg.lora), tok, task, dev)
+    return _CACHE[key]

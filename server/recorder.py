@@ -1,0 +1,119 @@
+"""What the server keeps of a run: the global adapter after every round (PEFT format), held-out
+evaluation, and one metrics JSON line per round (`metrics.jsonl`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from flwr.common import NDArrays, Scalar
+
+from common.data import EncodedDataset
+from common.lora import save_adapter, set_adapter
+from common.runtime import ModelRuntime
+from common.tasks import evaluate
+
+
+class RoundListener(Protocol):
+    """Progress display hooks (rich in the CLI; no-op in daemons)."""
+
+    def round_started(self, server_round: int) -> None: ...
+    def round_finished(self, record: dict) -> None: ...
+
+
+class NullListener:
+    def round_started(self, server_round: int) -> None:
+        pass
+
+    def round_finished(self, record: dict) -> None:
+        pass
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    """Append one line and fsync it, so a crash never loses a finished round's record."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+class RunRecorder:
+    def __init__(
+        self,
+        run_dir: Path,
+        run_id: str,
+        runtime: ModelRuntime,
+        eval_data: EncodedDataset,
+        listener: RoundListener | None = None,
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_id = run_id
+        self.rt = runtime
+        self.eval_data = eval_data
+        self.listener = listener or NullListener()
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.adapter_dir = self.run_dir / "adapter"
+        self._site_metrics: dict[int, list[dict]] = {}
+        self._round_started: dict[int, float] = {}
+
+    def fit_config(self, server_round: int, *, num_rounds: int, local_steps: int) -> dict:
+        """Sent to every sampled site with the global adapter (Flower's on_fit_config_fn)."""
+        self._round_started[server_round] = time.time()
+        self.listener.round_started(server_round)
+        return {
+            "run_id": self.run_id,
+            "server_round": server_round,
+            "num_rounds": num_rounds,
+            "local_steps": local_steps,
+        }
+
+    @staticmethod
+    def aggregate_fit_metrics(replies: list[tuple[int, dict]]) -> dict[str, Scalar]:
+        """Flower's fit_metrics_aggregation_fn: example-weighted training loss of the round."""
+        trained = [(n, m) for n, m in replies if n > 0 and "train_loss" in m]
+        total = sum(n for n, _ in trained)
+        if not total:
+            return {}
+        return {"train_loss": sum(n * float(m["train_loss"]) for n, m in trained) / total}
+
+    def after_aggregate(self, server_round: int, adapter: NDArrays, sites: list[dict]) -> None:
+        """Checkpoint the new global adapter (atomically) in PEFT format."""
+        self._site_metrics[server_round] = sites
+        set_adapter(self.rt.model, adapter)
+        save_adapter(self.rt.model, self.run_dir / "checkpoints" / f"round-{server_round:04d}")
+        save_adapter(self.rt.model, self.adapter_dir)
+
+    def evaluate(
+        self, server_round: int, adapter: NDArrays, config: dict
+    ) -> tuple[float, dict[str, Scalar]]:
+        """Flower's evaluate_fn: held-out metrics of the global adapter (round 0 = before)."""
+        set_adapter(self.rt.model, adapter)
+        metrics = evaluate(self.rt.model, self.eval_data, self.rt.task, self.rt.pad_id,
+                           self.rt.device)
+        sites = sorted(
+            self._site_metrics.pop(server_round, []), key=lambda m: str(m.get("site_id"))
+        )
+        trained = [m for m in sites if m.get("status") == "ok"]
+        n = sum(int(m["records"]) for m in trained)
+        record = {
+            "run_id": self.run_id,
+            "round": server_round,
+            "eval": metrics,
+            "train_loss": (
+                float(sum(m["train_loss"] * int(m["records"]) for m in trained) / n) if n else None
+            ),
+            "sites": sites,
+            "round_seconds": (
+                time.time() - self._round_started[server_round]
+                if server_round in self._round_started else None
+            ),
+            "adapter_norm": float(np.sqrt(sum(float(np.sum(a * a)) for a in adapter))),
+            "time": time.time(),
+        }
+        append_jsonl(self.metrics_path, record)
+        self.listener.round_finished(record)
+        return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,100 @@
+"""Rich progress display and end-of-run summary for `fedtune simulate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+
+class RichRoundListener:
+    """Shows one bar over the rounds and what the federation is doing right now."""
+
+    def __init__(self, console: Console, rounds: int, num_sites: int) -> None:
+        self.rounds = rounds
+        self.num_sites = num_sites
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} rounds"),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        self.task = self.progress.add_task("evaluating the initial adapter", total=rounds)
+
+    def __enter__(self) -> RichRoundListener:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def round_started(self, server_round: int) -> None:
+        self.progress.update(
+            self.task, description=f"round {server_round}/{self.rounds}: sites training (DP-SGD)"
+        )
+
+    def round_finished(self, record: dict) -> None:
+        rnd, ev = record["round"], record["eval"]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
+        if rnd == 0:
+            self.progress.console.log(f"before training: {shown}")
+        else:
+            loss = record.get("train_loss")
+            self.progress.console.log(
+                f"round {rnd}: train loss {loss:.4f} | held-out {shown}"
+                if loss is not None else f"round {rnd}: no site trained | held-out {shown}"
+            )
+            self.progress.update(self.task, advance=1,
+                                 description=f"round {rnd}/{self.rounds} aggregated")
+
+
+def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabled: bool) -> None:
+    if not metrics:
+        console.print("[red]no round finished; see the log above[/red]")
+        return
+    rounds = [m for m in metrics if m["round"] > 0]
+    ev = Table(title="Held-out evaluation (global adapter)")
+    ev.add_column("round")
+    ev.add_column("train loss (sites)")
+    keys = list(metrics[0]["eval"])
+    for k in keys:
+        ev.add_column(k)
+    for m in metrics:
+        tl = m.get("train_loss")
+        ev.add_row("before" if m["round"] == 0 else str(m["round"]),
+                   "-" if tl is None else f"{tl:.4f}",
+                   *(f"{m['eval'][k]:.4f}" for k in keys))
+    console.print(ev)
+
+    last: dict[str, dict] = {}
+    for m in rounds:
+        for s in m["sites"]:
+            last[s["site_id"]] = s
+    sites = Table(title="Sites" + (" — sample-level (ε, δ)-DP per site" if dp_enabled else ""))
+    for col in ("site", "records", "rounds trained", "last status", "ε (this run)", "δ", "σ"):
+        sites.add_column(col)
+    for sid in sorted(last, key=lambda s: (len(s), s)):
+        s = last[sid]
+        trained = sum(1 for m in rounds for x in m["sites"]
+                      if x["site_id"] == sid and x.get("status") == "ok")
+        eps = s.get("epsilon")
+        sites.add_row(
+            sid, str(s.get("records", "?")), str(trained), str(s.get("status")),
+            f"{eps:.3f}" if eps is not None else "no DP",
+            f"{s['delta']:.0e}" if "delta" in s else "-",
+            f"{s['noise_multiplier']:.3f}" if "noise_multiplier" in s else "-",
+        )
+    console.print(sites)
+    first, final = metrics[0]["eval"], metrics[-1]["eval"]
+    main_key = "accuracy" if "accuracy" in final else "perplexity"
+    console.print(
+        f"{main_key}: before {first[main_key]:.4f} -> after {final[main_key]:.4f}  "
+        f"(loss {first['loss']:.4f} -> {final['loss']:.4f})"
+    )
+    adapter = Path(run_dir) / "adapter"
+    console.print(f"final adapter (PEFT format): [bold]{adapter}[/bold]")
+    console.print(f"per-round metrics: {Path(run_dir) / 'metrics.jsonl'}")

@@ -1,0 +1,165 @@
+"""`fedtune simulate`: N sites on one machine with Flower's simulation engine (Ray).
+
+The run directory holds everything a run produces:
+
+    runs/<run_id>/config.toml         effective configuration
+    runs/<run_id>/eval.jsonl          the server's held-out split
+    runs/<run_id>/sites/site-K/       one folder per simulated site: data/train.jsonl, state/
+    runs/<run_id>/metrics.jsonl       one line per round (round 0 = before training)
+    runs/<run_id>/adapter/            final global adapter (PEFT format)
+    runs/<run_id>/checkpoints/        global adapter after every round
+
+Each simulated site reads only its own `data/train.jsonl`: its client code never sees the other
+sites' files, as in a real deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from client.app import SiteSpec, build_client_app
+from common.config import RunConfig, config_to_toml
+from common.data import DataError, Record, read_label_set, read_records, write_jsonl
+from common.demo_data import classification_demo, instruction_demo
+from common.models import ensure_cached
+from common.privacy import check_delta
+from common.tasks import resolve_task
+from server.app import build_server_app
+from server.recorder import RoundListener
+from simulations import partition
+
+
+@dataclass
+class PreparedRun:
+    cfg: RunConfig  # with data.labels filled in for classification
+    run_id: str
+    run_dir: Path
+    eval_path: Path
+    sites: list[SiteSpec]
+    groups: list[str] | None  # natural split: the column value of each site
+
+
+def _load_source(cfg: RunConfig, task: str) -> list[Record]:
+    if cfg.data.train == "demo":
+        rows = (classification_demo if task == "classification" else instruction_demo)(
+            cfg.data.demo_records, cfg.data.seed
+        )
+        return [Record(r, "demo", i + 1) for i, r in enumerate(rows)]
+    return read_records(cfg.data.train)
+
+
+def _split_eval(cfg: RunConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
+    if cfg.data.eval:
+        return records, read_records(cfg.data.eval)[: cfg.data.max_eval_records]
+    rng = np.random.default_rng(cfg.data.seed + 1)
+    perm = rng.permutation(len(records))
+    n_eval = max(1, int(len(records) * cfg.data.eval_fraction))
+    held = [records[i] for i in sorted(perm[:n_eval])][: cfg.data.max_eval_records]
+    return [records[i] for i in sorted(perm[n_eval:])], held
+
+
+def _partition(cfg: RunConfig, records: list[Record]) -> tuple[list[np.ndarray], list[str] | None]:
+    d, n = cfg.data, cfg.federation.num_sites
+    if d.partition == "iid":
+        return partition.iid(len(records), n, d.seed), None
+    if d.partition == "dirichlet":
+        labels = [_column(r, d.label_column) for r in records]
+        return partition.dirichlet(labels, n, d.dirichlet_alpha, d.seed), None
+    values = [_column(r, d.partition_column) for r in records]
+    return partition.by_column(values, n)
+
+
+def _column(rec: Record, key: str | None) -> str:
+    if key not in rec.fields:
+        raise DataError(f"{rec.source}:{rec.line}: missing key '{key}' needed to partition")
+    return str(rec.fields[key])
+
+
+def prepare_run(cfg: RunConfig) -> PreparedRun:
+    """Make the run directory, split data into sites and a held-out set. Touches no model."""
+    task = resolve_task(cfg)
+    run_id = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output.dir) / run_id
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {run_dir} already exists; choose another output.run_name"
+        )
+    records = _load_source(cfg, task)
+    train, held = _split_eval(cfg, records)
+    if task == "classification" and not cfg.data.labels:
+        labels = read_label_set(records, cfg.data.label_column)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
+    parts, groups = _partition(cfg, train)
+    rng = np.random.default_rng(cfg.data.seed + 2)
+    sites = []
+    for k, idx in enumerate(parts):
+        if cfg.data.max_records_per_site and len(idx) > cfg.data.max_records_per_site:
+            idx = np.sort(rng.choice(idx, cfg.data.max_records_per_site, replace=False))
+        if cfg.dp.enabled:
+            check_delta(cfg.dp.delta, len(idx), where=f"site-{k} ({len(idx)} records): ")
+        site_dir = run_dir / "sites" / f"site-{k}"
+        write_jsonl(site_dir / "data" / "train.jsonl", [train[i].fields for i in idx])
+        sites.append(SiteSpec(f"site-{k}", site_dir / "data" / "train.jsonl", site_dir / "state"))
+    eval_path = run_dir / "eval.jsonl"
+    write_jsonl(eval_path, [r.fields for r in held])
+    (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    return PreparedRun(cfg, run_id, run_dir, eval_path, sites, groups)
+
+
+def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
+                 verbose: bool = False) -> list[dict]:
+    """Run the federation with Flower's simulation engine; returns the metrics records."""
+    from flwr.simulation import run_simulation
+
+    cfg = prepared.cfg
+    ensure_cached(cfg.model.name, cfg.model.cache_dir)  # build once, before workers start
+    parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
+    parallel = min(parallel, cfg.federation.num_sites)
+    sites = prepared.sites
+
+    def resolve_site(context) -> SiteSpec:
+        return sites[int(context.node_config["partition-id"])]
+
+    server_app = build_server_app(cfg, prepared.run_dir, prepared.run_id, prepared.eval_path,
+                                  listener)
+    client_app = build_client_app(cfg, resolve_site, secagg=cfg.federation.secagg)
+    gpus = 1.0 / parallel if torch.cuda.is_available() else 0.0
+    backend_config = {
+        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
+        "init_args": {
+            "num_cpus": parallel,
+            "num_gpus": 1 if gpus else 0,
+            "include_dashboard": False,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
+            "log_to_driver": verbose,
+        },
+    }
+    flwr_logger = logging.getLogger("flwr")
+    old_level = flwr_logger.level
+    if not verbose:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_sites,
+            backend_config=backend_config,
+        )
+    finally:
+        flwr_logger.setLevel(old_level)
+    return read_metrics(prepared.run_dir)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
