@@ -217,6 +217,9 @@ class PadCollator:
         self.pad_id = pad_id
 
     def __call__(self, batch: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if not batch:  # an empty Poisson-sampled batch (DP-SGD): still a step, of pure noise
+            empty = torch.zeros((0, 0), dtype=torch.long)
+            return {"input_ids": empty, "attention_mask": empty, "labels": empty}
         width = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)

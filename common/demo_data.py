@@ -12,29 +12,40 @@ WORDS = ["river", "garden", "window", "planet", "doctor", "ledger", "signal", "h
          "pencil", "meadow", "rocket", "bridge", "candle", "forest", "silver"]
 
 
+def _unique(make, n: int, seed: int) -> list[dict[str, str]]:
+    """n distinct records: a record is one person's data, so it must not appear at two sites."""
+    rng = random.Random(seed)
+    seen: dict[str, dict[str, str]] = {}
+    for _ in range(n * 50):
+        rec = make(rng)
+        seen.setdefault(str(sorted(rec.items())), rec)
+        if len(seen) == n:
+            return list(seen.values())
+    raise ValueError(f"the demo generator cannot make {n} distinct records (max ~{len(seen)})")
+
+
 def instruction_demo(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Short instruction/answer pairs (unit conversion, arithmetic, days, spelling)."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n):
-        kind = rng.randrange(4)
-        if kind == 0:
-            big, small, f = rng.choice(UNITS)
-            k = rng.randint(2, 20)
-            out.append({"input": f"Convert {k} {big} to {small}.",
-                        "output": f"{k} {big} is {k * f} {small}."})
-        elif kind == 1:
-            a, b = rng.randint(10, 99), rng.randint(10, 99)
-            out.append({"input": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."})
-        elif kind == 2:
-            i = rng.randrange(7)
-            out.append({"input": f"Which day comes after {DAYS[i]}?",
-                        "output": f"The day after {DAYS[i]} is {DAYS[(i + 1) % 7]}."})
-        else:
-            w = rng.choice(WORDS)
-            out.append({"input": f"Spell the word '{w}' backwards.",
-                        "output": f"'{w}' backwards is '{w[::-1]}'."})
-    return out
+    return _unique(_instruction, n, seed)
+
+
+def _instruction(rng: random.Random) -> dict[str, str]:
+    kind = rng.randrange(4)
+    if kind == 0:
+        big, small, f = rng.choice(UNITS)
+        k = rng.randint(2, 20)
+        return {"input": f"Convert {k} {big} to {small}.",
+                "output": f"{k} {big} is {k * f} {small}."}
+    if kind == 1:
+        a, b = rng.randint(10, 99), rng.randint(10, 99)
+        return {"input": f"What is {a} plus {b}?", "output": f"{a} plus {b} is {a + b}."}
+    if kind == 2:
+        i = rng.randrange(7)
+        return {"input": f"Which day comes after {DAYS[i]}?",
+                "output": f"The day after {DAYS[i]} is {DAYS[(i + 1) % 7]}."}
+    w = rng.choice(WORDS)
+    return {"input": f"Spell the word '{w}' backwards.",
+            "output": f"'{w}' backwards is '{w[::-1]}'."}
 
 
 INTENTS = {
@@ -51,17 +62,18 @@ FILLERS = {"card": ["card", "debit card", "credit card", "bank card"],
            "acct": ["account", "savings account", "checking account", "current account"]}
 
 
+PREFIXES = ["", "please ", "hi, ", "hello, "]
+SUFFIXES = ["", " please", " now", " today", " asap", " urgently", " thanks"]
+
+
 def classification_demo(n: int, seed: int = 0) -> list[dict[str, str]]:
     """Short banking-style requests labelled with one of four intents."""
-    rng = random.Random(seed)
-    out = []
-    labels = sorted(INTENTS)
-    for _ in range(n):
-        label = rng.choice(labels)
-        text = rng.choice(INTENTS[label]).format(
-            card=rng.choice(FILLERS["card"]), acct=rng.choice(FILLERS["acct"])
-        )
-        if rng.random() < 0.3:
-            text = rng.choice(["please ", "hi, ", "hello, "]) + text
-        out.append({"text": text, "label": label})
-    return out
+    return _unique(_classification, n, seed)
+
+
+def _classification(rng: random.Random) -> dict[str, str]:
+    label = rng.choice(sorted(INTENTS))
+    text = rng.choice(INTENTS[label]).format(
+        card=rng.choice(FILLERS["card"]), acct=rng.choice(FILLERS["acct"])
+    )
+    return {"text": rng.choice(PREFIXES) + text + rng.choice(SUFFIXES), "label": label}
