@@ -1,0 +1,235 @@
+"""`fedtune client`: the site daemon.
+
+Runs a Flower SuperNode for this site and keeps it running:
+
+- validates site.toml before anything starts (each error names its key);
+- starts `flower-supernode` with the site's key (SuperNode authentication), the CA certificate
+  (TLS), and the site's config file as node config, so the ClientApp (client/flower_app.py)
+  finds the site's private data, state directory and privacy budget;
+- when the link to the coordinator is lost (the coordinator restarts, the network drops) the
+  SuperNode gives up after `daemon.link_timeout_s`, and the daemon starts a new one after an
+  exponential backoff (doubling from `daemon.initial_backoff_s` to `daemon.max_backoff_s`);
+- logs one JSON object per line on stdout (`ts`, `level`, `site`, `event`, ...);
+- on SIGTERM/SIGINT stops the SuperNode (and a ClientApp in progress) and exits 0. The privacy
+  ledger commits every spend with fsync before training, and local copies are written to a
+  temporary file then renamed, so stopping at any moment leaves no half-written state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from common.site_config import SiteConfig
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+EXIT_REFUSED = 3  # the coordinator refused this site's key and --max-restarts ran out
+
+
+class JsonLog:
+    """One JSON object per line, flushed at once (journald, docker logs, kubectl logs)."""
+
+    def __init__(self, site_id: str, stream: IO[str] | None = None) -> None:
+        self.site_id = site_id
+        self.stream = stream or sys.stdout
+        self.lock = threading.RLock()  # re-entrant: the SIGTERM handler logs too
+
+    def __call__(self, event: str, level: str = "info", **fields: Any) -> None:
+        rec = {"ts": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
+               "level": level, "site": self.site_id, "event": event, **fields}
+        line = json.dumps(rec, default=str)
+        with self.lock:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _classify(line: str) -> tuple[str, str] | None:
+    """(event, level) for the SuperNode output lines that matter to an operator."""
+    if "SuperNode ID:" in line:
+        return "connected", "info"
+    if "Failed to activate SuperNode" in line or "code: 2004" in line:
+        return "refused", "error"
+    if "Connection attempt failed" in line:
+        return "connection_retry", "warning"
+    if "Giving up reconnection" in line or "Exit Code: 305" in line:
+        return "disconnected", "warning"
+    if re.search(r"\[RUN \d+, ROUND \d+\]", line):
+        return "round_message", "info"
+    if "ERROR" in line or "Traceback" in line:
+        return "flower", "error"
+    if "WARNING" in line:
+        return "flower", "warning"
+    return None
+
+
+def _die_with_parent() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+
+
+class SiteDaemon:
+    def __init__(self, cfg: SiteConfig, config_path: Path, *, insecure: bool = False,
+                 max_restarts: int | None = None, log: JsonLog | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = Path(config_path).resolve()
+        self.insecure = insecure
+        self.max_restarts = max_restarts
+        self.log = log or JsonLog(cfg.site_id)
+        self.proc: subprocess.Popen | None = None
+        self.stopping = threading.Event()
+        self.connected = threading.Event()
+        self.refused = threading.Event()
+        self.lost = threading.Event()
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.cfg.state_dir / "flwr-home"
+
+    def command(self) -> list[str]:
+        c = self.cfg
+        exe = Path(sys.executable).parent / "flower-supernode"
+        cmd = [str(exe) if exe.exists() else "flower-supernode",
+               "--superlink", c.coordinator.address,
+               "--grpc-rere",
+               "--isolation", "subprocess",
+               "--host", "127.0.0.1", "--port", str(c.daemon.runtime_port),
+               "--max-wait-time", str(c.daemon.link_timeout_s),
+               "--node-config", f'site-config="{self.config_path}"']
+        if self.insecure:
+            cmd.append("--insecure")
+        else:
+            assert c.coordinator.root_certificate is not None and c.auth is not None
+            cmd += ["--root-certificates", str(c.coordinator.root_certificate),
+                    "--auth-supernode-private-key", str(c.auth.private_key)]
+        return cmd
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["FLWR_HOME"] = str(self.flwr_home)
+        env["FEDTUNE_SITE_CONFIG"] = str(self.config_path)
+        env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _pump(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            line = ANSI.sub("", raw.decode("utf-8", "replace")).rstrip()
+            if not line:
+                continue
+            kind = _classify(line)
+            if kind is None:
+                self.log("flower", "debug", msg=line)
+                continue
+            event, level = kind
+            if event == "connected":
+                self.connected.set()
+            elif event == "disconnected":
+                self.lost.set()  # the SuperNode gave up on the link; _wait_child restarts it
+            elif event == "refused":
+                self.refused.set()
+                self.log("refused", "error", msg=line,
+                         hint="the coordinator refused to activate this SuperNode: either "
+                              "this site's public key is not registered there (send site.pub; "
+                              "`fedtune certs register`), or, right after a coordinator "
+                              "restart, it still lists this site as online (clears within "
+                              "about a minute; the daemon keeps retrying)")
+                continue
+            self.log(event, level, msg=line)
+
+    def _handle_signal(self, signum, _frame) -> None:
+        self.log("stopping", signal=signal.Signals(signum).name)
+        self.stopping.set()  # the main loop stops the SuperNode
+
+    def _wait_child(self) -> int:
+        """Wait for the SuperNode; once a stop is requested, give it stop_timeout_s."""
+        proc = self.proc
+        assert proc is not None
+        stop_since: float | None = None
+        killed = False
+        while True:
+            try:
+                rc = proc.wait(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            # A SuperNode that gave up on the link does not always exit by itself: stop it,
+            # the main loop starts a new one after the backoff.
+            if self.stopping.is_set() or self.lost.is_set():
+                if stop_since is None:
+                    stop_since = time.monotonic()
+                    proc.send_signal(signal.SIGTERM)
+                if not killed and time.monotonic() - stop_since > self.cfg.daemon.stop_timeout_s:
+                    self.log("stop_timeout", "warning", msg="SuperNode did not stop; killing it")
+                    self._killpg(signal.SIGKILL)
+                    killed = True
+        # SuperExec / a ClientApp of this SuperNode still alive (its own session): stop them.
+        self._killpg(signal.SIGTERM)
+        return rc
+
+    def _killpg(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def run(self) -> int:
+        c = self.cfg
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle_signal)
+        if self.insecure:
+            self.log("insecure", "warning",
+                     msg="PLAINTEXT connection to the coordinator (--insecure): updates travel "
+                         "unencrypted and this site is not authenticated. Never use this "
+                         "outside a test network.")
+        self.log("started", coordinator=c.coordinator.address, data=str(c.data),
+                 state_dir=str(c.state_dir), tls=not self.insecure,
+                 privacy=c.privacy.model_dump(exclude_none=True), pid=os.getpid())
+        failures = 0
+        restarts = 0
+        while not self.stopping.is_set():
+            self.connected.clear()
+            self.refused.clear()
+            self.lost.clear()
+            started = time.monotonic()
+            self.proc = subprocess.Popen(
+                self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                env=self.env(), cwd=c.state_dir, start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            self.log("supernode_started", pid=self.proc.pid)
+            pump = threading.Thread(target=self._pump, args=(self.proc.stdout,), daemon=True)
+            pump.start()
+            rc = self._wait_child()
+            pump.join(timeout=5)
+            if self.stopping.is_set():
+                break
+            if self.connected.is_set() and time.monotonic() - started > 10:
+                failures = 0  # it was up: the next outage starts the backoff afresh
+            failures += 1
+            restarts += 1
+            if self.max_restarts is not None and restarts > self.max_restarts:
+                self.log("giving_up", "error", exit_code=rc, restarts=restarts - 1)
+                return EXIT_REFUSED if self.refused.is_set() else 1
+            delay = min(c.daemon.max_backoff_s, c.daemon.initial_backoff_s * 2 ** (failures - 1))
+            self.log("reconnecting", "warning", exit_code=rc, in_s=round(delay, 2),
+                     attempt=failures, refused=self.refused.is_set())
+            self.stopping.wait(delay)
+        self.log("stopped", exit_code=self.proc.returncode if self.proc else None)
+        return 0

@@ -1,0 +1,440 @@
+"""`fedtune server`: the coordinator of a real deployment.
+
+1. Prepares the run directory (effective config, the coordinator's held-out evaluation split).
+2. Starts a Flower SuperLink: Fleet API over gRPC with TLS and SuperNode authentication (the
+   sites connect there, default port 9092), Control/Runtime API over HTTPS on 127.0.0.1:8000.
+   Flower's own state (database, installed app bundles, CLI config) lives under the coordinator's
+   state directory (`FLWR_HOME`), never in the user's home.
+3. Registers every site public key in `<certs>/registry/` with the SuperLink
+   (`flwr supernode register`): a SuperNode whose key is not registered is refused.
+4. Writes a small Flower app (pyproject.toml whose components are `server.flower_app:app` and
+   `client.flower_app:app`, run config = the effective fedtune config as JSON) and submits it
+   with `flwr run`. The SuperLink runs the ServerApp; the sites' SuperNodes run the ClientApp.
+5. Follows the run (Control API) and the round records in `metrics.jsonl` until it finishes,
+   then stops the SuperLink.
+
+Secure aggregation (SecAgg+) is on unless the run configuration says `federation.secagg = false`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomli_w
+
+from common.certs import CertPaths, registered_keys
+from common.config import ConfigError, RunConfig, config_to_toml
+from common.data import Record, read_label_set, read_records, write_jsonl
+from common.tasks import resolve_task
+from server.flower_app import RUN_CONFIG_KEY, RUN_NAME_KEY, run_paths
+
+CONNECTION = "fedtune"  # name of the SuperLink connection in FLWR_HOME/config.toml
+APP_NAME = "fedtune-run"
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator cannot start or the run failed; the message says why."""
+
+
+@dataclass
+class CoordinatorOptions:
+    certs_dir: Path = Path("certs")
+    state_dir: Path = Path("coordinator-state")
+    fleet_address: str = "0.0.0.0:9092"
+    control_host: str = "127.0.0.1"
+    control_port: int = 8000
+    insecure: bool = False
+    run_timeout_s: float = 0.0  # 0: no limit
+    startup_timeout_s: float = 60.0
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def control_address(self) -> str:
+        return f"{self.control_host}:{self.control_port}"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr-home"
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "logs" / "superlink.log"
+
+
+@dataclass
+class PreparedDeployment:
+    cfg: RunConfig
+    run_name: str
+    run_dir: Path
+    eval_path: Path
+
+
+# ---------------------------------------------------------------------------------------------
+# The run directory.
+
+
+def deployment_config(cfg: RunConfig) -> RunConfig:
+    """The run configuration as deployed: SecAgg+ on unless explicitly off, absolute paths."""
+    data = cfg.model_dump(mode="json")
+    if data["federation"].get("secagg") is None:
+        data["federation"]["secagg"] = True
+    data["output"]["dir"] = str(Path(cfg.output.dir).expanduser().resolve())
+    try:
+        return RunConfig.model_validate(data)
+    except Exception as e:  # pydantic ValidationError: cross-checks that involve SecAgg+
+        raise ConfigError(f"invalid configuration for a deployment: {e}") from None
+
+
+def _heldout(cfg: RunConfig, task: str) -> tuple[list[Record], list[Record]]:
+    """(records that define the label set, held-out evaluation records) at the coordinator."""
+    from simulations.runner import _load_source, _split_eval
+
+    if cfg.data.eval:
+        held = read_records(cfg.data.eval)[: cfg.data.max_eval_records]
+        return held, held
+    if cfg.data.train == "demo" or Path(cfg.data.train).is_file():
+        records = _load_source(cfg, task)
+        _, held = _split_eval(cfg, records)
+        return records, held
+    raise ConfigError(
+        "the coordinator needs a held-out evaluation file: set data.eval (the sites' training "
+        "data stays at the sites)"
+    )
+
+
+def prepare_deployment(cfg: RunConfig) -> PreparedDeployment:
+    cfg = deployment_config(cfg)
+    task = resolve_task(cfg)
+    run_name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir, eval_path = run_paths(cfg, run_name)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(
+            f"run directory {run_dir} already exists; choose another output.run_name"
+        )
+    label_source, held = _heldout(cfg, task)
+    if task == "classification" and not cfg.data.labels:
+        labels = read_label_set(label_source, cfg.data.label_column)
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(eval_path, [r.fields for r in held])
+    (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    return PreparedDeployment(cfg, run_name, run_dir, eval_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Flower app that `flwr run` submits.
+
+
+def write_flower_app(directory: Path, prepared: PreparedDeployment) -> Path:
+    """A minimal Flower app: its components are fedtune's module-level apps (installed in the
+    environment of the SuperLink and of every SuperNode), its run config the fedtune config."""
+    directory.mkdir(parents=True, exist_ok=True)
+    project = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {
+            "name": APP_NAME,
+            "version": "1.0.0",
+            "description": "A fedtune federated DP-LoRA run (generated by `fedtune server`).",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {"flwr": {"app": {
+            "publisher": "fedtune",
+            "components": {
+                "serverapp": "server.flower_app:app",
+                "clientapp": "client.flower_app:app",
+            },
+            "config": {
+                RUN_CONFIG_KEY: prepared.cfg.model_dump_json(),
+                RUN_NAME_KEY: prepared.run_name,
+            },
+        }}},
+    }
+    path = directory / "pyproject.toml"
+    path.write_text(tomli_w.dumps(project), encoding="utf-8")
+    (directory / "README.md").write_text(
+        "Generated by `fedtune server` for one run; the code is the installed fedtune package.\n"
+    )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes.
+
+
+def _bin(name: str) -> str:
+    """A console script of this environment (flower-superlink, flwr), found next to Python."""
+    here = Path(sys.executable).parent / name
+    if here.exists():
+        return str(here)
+    found = shutil.which(name)
+    if not found:
+        raise CoordinatorError(f"`{name}` not found; is Flower installed in this environment?")
+    return found
+
+
+def child_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for Flower processes: FLWR_HOME set, this environment's scripts on PATH
+    (the SuperLink/SuperNode start `flower-superexec`, `flwr-serverapp`, `flwr-clientapp`)."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.update(extra or {})
+    return env
+
+
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the parent dies (Linux), so nothing is orphaned."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort, not available everywhere
+        pass
+
+
+def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise CoordinatorError(f"process exited with code {proc.returncode} during start-up")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise CoordinatorError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
+
+
+def stop_process(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Coordinator:
+    """A SuperLink plus one fedtune run on it."""
+
+    def __init__(self, opts: CoordinatorOptions, say: Callable[[str], None] = print) -> None:
+        self.opts = opts
+        self.say = say
+        self.superlink: subprocess.Popen | None = None
+        self._log_fh = None
+        self.certs = CertPaths(Path(opts.certs_dir))
+
+    # -- configuration checks ----------------------------------------------------------------
+    def check(self) -> dict[str, Path]:
+        """Fail early, naming the missing file; returns the registered site keys."""
+        if self.opts.insecure:
+            return {}
+        missing = [p for p in (self.certs.ca_cert, self.certs.server_cert, self.certs.server_key)
+                   if not p.is_file()]
+        if missing:
+            raise CoordinatorError(
+                "TLS certificate files missing: " + ", ".join(str(p) for p in missing)
+                + f"\n  create them with `fedtune certs init --dir {self.certs.root}` and "
+                f"`fedtune certs server --host NAME --dir {self.certs.root}`"
+                "\n  (plaintext needs the explicit --insecure flag)"
+            )
+        keys = registered_keys(self.certs.root)
+        if not keys:
+            raise CoordinatorError(
+                f"no site keys registered in {self.certs.registry}; create them with "
+                f"`fedtune certs site SITE --dir {self.certs.root}` (or register a site's "
+                "public key with `fedtune certs register SITE --public-key site.pub`)"
+            )
+        return keys
+
+    # -- SuperLink ---------------------------------------------------------------------------
+    def _write_flwr_config(self) -> None:
+        conn: dict = {"address": self.opts.control_address}
+        if self.opts.insecure:
+            conn["insecure"] = True
+        else:
+            conn["root-certificates"] = str(self.certs.ca_cert.resolve())
+        home = self.opts.flwr_home
+        home.mkdir(parents=True, exist_ok=True)
+        (home / "config.toml").write_text(
+            tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
+        )
+
+    def superlink_command(self) -> list[str]:
+        o = self.opts
+        cmd = [_bin("flower-superlink")]
+        if o.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--ssl-ca-certfile", str(self.certs.ca_cert.resolve()),
+                    "--ssl-certfile", str(self.certs.server_cert.resolve()),
+                    "--ssl-keyfile", str(self.certs.server_key.resolve()),
+                    "--enable-supernode-auth"]
+        cmd += [
+            "--fleet-api-type", "grpc-rere",
+            "--fleet-api-address", o.fleet_address,
+            "--host", o.control_host, "--port", str(o.control_port),
+            "--database", str((o.state_dir / "superlink.db").resolve()),
+            # The app's code is the installed fedtune: never `uv sync` anything at run time.
+            "--disable-runtime-dependency-installation",
+        ]
+        return cmd
+
+    def start_superlink(self) -> None:
+        o = self.opts
+        o.state_dir.mkdir(parents=True, exist_ok=True)
+        o.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_flwr_config()
+        self._log_fh = open(o.log_path, "ab")
+        self.superlink = subprocess.Popen(
+            self.superlink_command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
+            env=child_env(o.flwr_home, o.extra_env), cwd=o.state_dir,
+            preexec_fn=_die_with_parent,
+        )
+        fleet_host, _, fleet_port = o.fleet_address.rpartition(":")
+        fleet_host = "127.0.0.1" if fleet_host in ("0.0.0.0", "[::]", "") else fleet_host
+        try:
+            wait_port(o.control_host, o.control_port, o.startup_timeout_s, self.superlink)
+            wait_port(fleet_host.strip("[]"), int(fleet_port), o.startup_timeout_s,
+                      self.superlink)
+        except CoordinatorError as e:
+            raise CoordinatorError(f"the SuperLink did not start: {e}; see {o.log_path}") from None
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
+            env=child_env(self.opts.flwr_home, self.opts.extra_env), cwd=self.opts.state_dir,
+        )
+
+    def register_sites(self, keys: dict[str, Path]) -> dict[str, str]:
+        """Register each site's public key with the SuperLink (idempotent across restarts)."""
+        out = {}
+        for site_id, pub in keys.items():
+            res = self.flwr("supernode", "register", str(pub.resolve()), CONNECTION,
+                            "--name", site_id, "--format", "json")
+            info = _json_tail(res.stdout)
+            if info.get("success"):
+                out[site_id] = f"registered (node {info.get('node-id')})"
+            elif "already in use" in str(info.get("error-message", "")):
+                out[site_id] = "already registered"
+            else:
+                raise CoordinatorError(
+                    f"registering site {site_id!r} ({pub}) failed: "
+                    f"{info.get('error-message') or res.stderr.strip() or res.stdout.strip()}"
+                )
+        return out
+
+    # -- the run -----------------------------------------------------------------------------
+    def submit(self, prepared: PreparedDeployment) -> int:
+        app_dir = write_flower_app(self.opts.state_dir / "apps" / prepared.run_name, prepared)
+        res = self.flwr("run", str(app_dir.resolve()), CONNECTION, "--format", "json")
+        info = _json_tail(res.stdout)
+        if not info.get("success") or not info.get("run-id"):
+            raise CoordinatorError(
+                "`flwr run` failed: "
+                f"{info.get('error-message') or res.stderr.strip() or res.stdout.strip()}"
+            )
+        return int(info["run-id"])
+
+    def run_status(self, run_id: int) -> str:
+        """Flower's status of the run: pending, starting, running, finished:<sub-status>."""
+        from flwr.cli.typing import SuperLinkConnection
+        from flwr.cli.utils import init_http_client_from_connection
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        os.environ["FLWR_HOME"] = str(self.opts.flwr_home)  # Flower's CLI helpers read it
+        conn = SuperLinkConnection(
+            name=CONNECTION, address=self.opts.control_address,
+            root_certificates=None if self.opts.insecure else str(self.certs.ca_cert.resolve()),
+            insecure=self.opts.insecure,
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
+            client = init_http_client_from_connection(conn)
+        try:
+            res = client.ListRuns(ListRunsRequest(run_id=run_id))
+        finally:
+            client.close()
+        run = run_from_proto(res.run_dict[run_id])
+        st = run.status
+        return f"{st.status}:{st.sub_status}" if st.sub_status else st.status
+
+    def follow(self, run_id: int, prepared: PreparedDeployment,
+               on_round: Callable[[dict], None], poll_s: float = 3.0) -> str:
+        """Wait for the run to finish; call `on_round` for each new metrics record."""
+        metrics_path = prepared.run_dir / "metrics.jsonl"
+        seen = 0
+        started = time.monotonic()
+        status = "pending"
+        while True:
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise CoordinatorError(
+                    f"the SuperLink exited with code {self.superlink.returncode}; "
+                    f"see {self.opts.log_path}"
+                )
+            if metrics_path.exists():
+                lines = [x for x in metrics_path.read_text().splitlines() if x.strip()]
+                for line in lines[seen:]:
+                    on_round(json.loads(line))
+                seen = len(lines)
+            try:
+                status = self.run_status(run_id)
+            except Exception as e:  # noqa: BLE001 - a transient Control API error: retry
+                status = f"unknown ({e})"
+            if status.startswith("finished"):
+                if metrics_path.exists():  # the last round's record
+                    lines = [x for x in metrics_path.read_text().splitlines() if x.strip()]
+                    for line in lines[seen:]:
+                        on_round(json.loads(line))
+                return status
+            if self.opts.run_timeout_s and time.monotonic() - started > self.opts.run_timeout_s:
+                self.flwr("stop", str(run_id), CONNECTION)
+                raise CoordinatorError(
+                    f"run {run_id} did not finish within {self.opts.run_timeout_s:.0f} s "
+                    f"(status {status}); stopped it"
+                )
+            time.sleep(poll_s)
+
+    def save_run_log(self, run_id: int, prepared: PreparedDeployment) -> Path | None:
+        """The ServerApp's log (kept by the SuperLink) as run_dir/server.log."""
+        res = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
+        if res.returncode != 0:
+            return None
+        path = prepared.run_dir / "server.log"
+        path.write_text(res.stdout)
+        return path
+
+    def stop(self) -> None:
+        stop_process(self.superlink)
+        self.superlink = None
+        if self._log_fh is not None:
+            self._log_fh.close()
+            self._log_fh = None
+
+
+def _json_tail(stdout: str) -> dict:
+    """The JSON object `flwr ... --format json` prints (after any plain-text lines)."""
+    start = stdout.find("{")
+    if start < 0:
+        return {}
+    try:
+        return json.loads(stdout[start:])
+    except json.JSONDecodeError:
+        return {}
