@@ -1,0 +1,225 @@
+"""Collect a privacy report from a run directory or a site's ledger file: plain dicts, JSON-ready.
+
+Every epsilon in the report is read from the site ledgers as written (rows from before the PRV
+column was added are recomputed from their mechanism parameters and marked so); nothing is
+re-estimated. The run's `metrics.jsonl` adds the server's view: which sites replied with what
+status, the payload hashes it received, and the site-level (central DP) accountant.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from client.ledger import LedgerRow, PrivacyLedger
+from common.privacy import epsilons
+
+REPORT_VERSION = 1
+NEARLY_USED = 0.8  # warn when a site has used this share of its budget
+DELTA_RULE = 0.1  # warn when delta x records exceeds this (delta should be << 1 / records)
+WEAK_EPSILON = 10.0  # warn above this epsilon
+
+
+def find_ledgers(source: Path) -> list[Path]:
+    """Ledger files of a run directory (one per site), or the file itself."""
+    if source.is_file():
+        return [source]
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such run directory or ledger file")
+    found = sorted(source.rglob(PrivacyLedger.FILENAME))
+    if not found:
+        raise FileNotFoundError(f"no {PrivacyLedger.FILENAME} under {source}")
+    return found
+
+
+def read_metrics(run_dir: Path | None) -> list[dict]:
+    path = run_dir / "metrics.jsonl" if run_dir else None
+    if path is None or not path.is_file():
+        return []
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def _round_dict(row: LedgerRow, run_history: list, site_history: list) -> dict:
+    d = asdict(row)
+    if row.epsilon_run_prv is None or row.epsilon_run_rdp is None:  # pre-PRV ledger rows
+        run, total = epsilons(run_history, row.delta), epsilons(site_history, row.delta)
+        d.update(epsilon_run_rdp=run["rdp"], epsilon_run_prv=run["prv"],
+                 epsilon_total_rdp=total["rdp"], epsilon_total_prv=total["prv"],
+                 recomputed=True)
+    return d
+
+
+def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
+                 server_rounds: dict[tuple[str, int], dict]) -> dict:
+    site = PrivacyLedger.from_file(ledger.path, site_id)
+    rows, plans = site.rows(), {r: p for r, _, p in site.plans()}
+    payloads, declines = site.payloads(), site.declines()
+    runs = []
+    site_history: list = []
+    for run_id in site.run_ids():
+        run_rows, run_history = [], []
+        for row in (r for r in rows if r.run_id == run_id):
+            run_history.append(row.mechanism)
+            site_history.append(row.mechanism)
+            run_rows.append(_round_dict(row, list(run_history), list(site_history)))
+        run_payloads = [asdict(p) for p in payloads if p.run_id == run_id]
+        for p in run_payloads:
+            seen = server_rounds.get((site_id, p["round"]))
+            if seen is not None and run_id == focus_run:
+                p["server_received_sha256"] = seen.get("payload_sha256")
+                p["matches_server"] = seen.get("payload_sha256") == p["sha256"]
+        plan = plans.get(run_id)
+        last = run_rows[-1] if run_rows else None
+        runs.append({
+            "run_id": run_id,
+            "plan": asdict(plan) if plan else None,
+            "rounds": run_rows,
+            "rounds_trained": len(run_rows),
+            "payloads": run_payloads,
+            "declines": [asdict(d) for d in declines if d.run_id == run_id],
+            "epsilon_rdp": last["epsilon_run_rdp"] if last else 0.0,
+            "epsilon_prv": last["epsilon_run_prv"] if last else 0.0,
+            "accounted_without_payload": sorted(
+                {r["round"] for r in run_rows} - {p["round"] for p in run_payloads}
+            ),
+            # Updates trained without DP (dp.enabled = false): no guarantee at all for them.
+            "sent_without_dp": sorted(
+                {p["round"] for p in run_payloads if p["status"] == "ok"}
+                - {r["round"] for r in run_rows}
+            ),
+        })
+    if rows:  # the site's total is what its latest ledger row says
+        latest = rows[-1]
+        total = {"rdp": latest.epsilon_total_rdp, "prv": latest.epsilon_total_prv}
+        if None in total.values():  # pre-PRV ledger row
+            total = epsilons([r.mechanism for r in rows], latest.delta)
+    else:
+        total = {"rdp": 0.0, "prv": 0.0}
+    focus = next((r for r in runs if r["run_id"] == focus_run), runs[-1] if runs else None)
+    plan = (focus or {}).get("plan") or {}
+    records = plan.get("records") or (rows[-1].records if rows else None)
+    if records is None:  # no DP round: what the site told the server
+        told = [v.get("records") for (sid, _), v in server_rounds.items() if sid == site_id]
+        records = next((int(r) for r in told if r is not None), None)
+    budget = plan.get("max_epsilon")
+    accountant = plan.get("accountant") or (rows[-1].accountant if rows else "rdp")
+    return {
+        "site_id": site_id,
+        "ledger": str(ledger.path),
+        "records": records,
+        "delta": plan.get("delta") or (rows[-1].delta if rows else None),
+        "accountant": accountant,
+        "budget_max_epsilon": budget,
+        "epsilon_total": total,
+        "budget_used": (total[accountant] / budget) if budget else None,
+        "runs": runs,
+        "focus_run": focus["run_id"] if focus else None,
+    }
+
+
+def _warnings(sites: list[dict], central: dict | None) -> list[dict]:
+    out = []
+    for s in sites:
+        sid, used = s["site_id"], s["budget_used"]
+        if used is not None and used >= NEARLY_USED:
+            out.append({"site": sid, "message": (
+                f"{sid} has used {used:.0%} of its privacy budget "
+                f"(ε = {s['epsilon_total'][s['accountant']]:.3g} of {s['budget_max_epsilon']:g})"
+            )})
+        eps = s["epsilon_total"][s["accountant"]]
+        if eps > WEAK_EPSILON:
+            out.append({"site": sid, "message": (
+                f"{sid}'s ε = {eps:.3g} is large: a guarantee this weak protects little"
+            )})
+        for run in s["runs"]:
+            if run["sent_without_dp"]:
+                out.append({"site": sid, "message": (
+                    f"{sid} sent model updates trained WITHOUT differential privacy in run "
+                    f"{run['run_id']} (rounds {run['sent_without_dp']}): no guarantee covers them"
+                )})
+        if s["budget_max_epsilon"] is None and any(r["rounds"] for r in s["runs"]):
+            out.append({"site": sid, "message": (
+                f"{sid} has no lifetime budget (dp.max_epsilon): every new run adds to its ε"
+            )})
+        if s["delta"] and s["records"] and s["delta"] * s["records"] > DELTA_RULE:
+            out.append({"site": sid, "message": (
+                f"δ = {s['delta']:g} is large for {sid}'s {s['records']} records "
+                f"(δ × records = {s['delta'] * s['records']:.2g}); δ should be far below "
+                f"1/records = {1 / s['records']:.2g}, e.g. ≤ {0.1 / s['records']:.1g}"
+            )})
+        for run in s["runs"]:
+            for d in run["declines"][:1]:
+                out.append({"site": sid, "message": (
+                    f"{sid} declined from round {d['round']} of run {run['run_id']}: {d['reason']}"
+                )})
+            if run["accounted_without_payload"]:
+                out.append({"site": sid, "message": (
+                    f"{sid}: round(s) {run['accounted_without_payload']} of run {run['run_id']} "
+                    "were accounted but no update left the site (it stopped mid-round); "
+                    "they are counted anyway, so the ledger over-counts, never under-counts"
+                )})
+            if any(p.get("matches_server") is False for p in run["payloads"]):
+                out.append({"site": sid, "message": (
+                    f"{sid}: a payload hash recorded at the site differs from the one the "
+                    "server logged for the same round"
+                )})
+    if central and central["rounds"]:
+        if central["epsilon_rdp"] > WEAK_EPSILON:
+            out.append({"site": None, "message": (
+                f"site-level ε = {central['epsilon_rdp']:.3g} is large: a guarantee this weak "
+                "protects little (raise central_dp.noise_multiplier)"
+            )})
+        n, d = central["sites_sampled"], central["delta"]
+        if d * n > DELTA_RULE:
+            out.append({"site": None, "message": (
+                f"site-level δ = {d:g} is large for {n} sites (δ × sites = {d * n:.2g})"
+            )})
+    return out
+
+
+def _central(metrics: list[dict]) -> dict | None:
+    rounds = [m["central_dp"] for m in metrics if m.get("central_dp")]
+    if not rounds:
+        return None
+    last = rounds[-1]
+    keep = ("side", "clipping", "noise_multiplier", "sites_sampled", "delta")
+    return {**{k: last[k] for k in keep}, "rounds": rounds,
+            "epsilon_rdp": last["epsilon_rdp"], "epsilon_prv": last["epsilon_prv"]}
+
+
+def build_report(source: str | Path) -> dict:
+    """The report of a run directory (all its sites) or of one ledger file (all its runs)."""
+    source = Path(source)
+    ledgers = find_ledgers(source)
+    run_dir = source if source.is_dir() else None
+    metrics = read_metrics(run_dir)
+    focus_run = metrics[0]["run_id"] if metrics else (run_dir.name if run_dir else None)
+    server_rounds = {
+        (s.get("site_id"), m["round"]): s for m in metrics for s in m.get("sites", [])
+    }
+    sites = []
+    for path in ledgers:
+        ledger = PrivacyLedger.from_file(path)
+        for site_id in ledger.site_ids():
+            sites.append(_site_report(ledger, site_id, focus_run, server_rounds))
+    sites.sort(key=lambda s: (len(s["site_id"]), s["site_id"]))
+    if focus_run is None and sites:
+        focus_run = sites[0]["focus_run"]
+    central = _central(metrics)
+    declined_by_server = [
+        {"round": m["round"], "site_id": s.get("site_id"), "status": s.get("status")}
+        for m in metrics for s in m.get("sites", []) if s.get("status") not in (None, "ok")
+    ]
+    return {
+        "report_version": REPORT_VERSION,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "source": str(source),
+        "run_id": focus_run,
+        "rounds_completed": max((m["round"] for m in metrics), default=None),
+        "sites": sites,
+        "central_dp": central,
+        "server_saw_declines": declined_by_server,
+        "warnings": _warnings(sites, central),
+    }
