@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
+from common.atomic import atomic_write
 from common.config import RunConfig
 from common.site_config import SiteConfig, load_site_config
 
@@ -85,17 +85,7 @@ def _no_training(msg: Message, context: Context) -> Message:
 
 
 def _atomic_save(path: Path, **arrays: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def sent_copy_path(site: SiteConfig, run_name: str, server_round: int) -> Path:
@@ -116,6 +106,13 @@ def local_update_mod(site: SiteConfig, run_name: str, cfg: RunConfig):
             return out
         fitres = compat.recorddict_to_fitres(out.content, keep_input=True)
         delta = parameters_to_ndarrays(fitres.parameters)
+        if fitres.num_examples:
+            # Never send a broken update: with SecAgg+ the server could not tell whose it was
+            # and would have to discard the whole round (server/validation.py).
+            from server.validation import check_values
+
+            if (problem := check_values(delta, cfg.federation.max_update_norm)) is not None:
+                raise RuntimeError(f"site {site.site_id} refuses to send its update: {problem}")
         peak = max((float(np.max(np.abs(d))) for d in delta if d.size), default=0.0)
         state = context.state.config_records.get(RECORD_KEY_STATE)
         if cfg.federation.secagg and state is not None and fitres.num_examples:

@@ -19,7 +19,6 @@ import datetime as dt
 import ipaddress
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.atomic import atomic_write
 
 SITE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 LOCAL_NAMES = ("localhost", "127.0.0.1")  # the coordinator's own Control/Runtime API clients
@@ -97,18 +98,7 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
 
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Write atomically (temp file + rename) with `mode` set before any byte is written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: fh.write(data), mode=mode)
 
 
 def _write_private_key(path: Path, key: ec.EllipticCurvePrivateKey, fmt) -> None:

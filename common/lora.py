@@ -7,21 +7,32 @@ build the same PEFT model from the same config).
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from common.atomic import fsync_dir
 from common.config import LoraSettings
 from common.models import TaskKind
 
 
-def apply_lora(base: torch.nn.Module, task: TaskKind, settings: LoraSettings) -> PeftModel:
-    """Wrap `base` with a LoRA adapter; A is drawn from a fixed seed so every site agrees."""
+def apply_lora(
+    base: torch.nn.Module, task: TaskKind, settings: LoraSettings, *, freeze_a: bool = False
+) -> PeftModel:
+    """Wrap `base` with a LoRA adapter; A is drawn from a fixed seed so every site agrees.
+
+    `freeze_a` (FFA-LoRA): A is never trained nor sent, so every site must hold the very same A
+    without receiving it. It is redrawn on the CPU from (init_seed, module name), which gives the
+    same values on CPU and GPU sites, with PEFT's distribution (kaiming-uniform, a=sqrt(5):
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B stays zero, and only B (and any head) is trainable.
+    """
     config = LoraConfig(
         task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
         r=settings.r,
@@ -32,11 +43,47 @@ def apply_lora(base: torch.nn.Module, task: TaskKind, settings: LoraSettings) ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(settings.init_seed)
         model = get_peft_model(base, config)
+    if freeze_a:
+        _freeze_lora_a(model, settings.init_seed)
     # PEFT copies the classifier head (modules_to_save) while the model is in eval mode; Opacus
     # records activations only for modules in training mode, and would then fail with
     # "No activations detected for Linear". Put every submodule, the copy included, in train mode.
     model.train()
     return model
+
+
+@torch.no_grad()
+def _freeze_lora_a(model: torch.nn.Module, seed: int) -> None:
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+            bound = 1.0 / math.sqrt(p.shape[1])
+            a = torch.rand(tuple(p.shape), generator=gen, dtype=torch.float64) * 2 * bound - bound
+            p.copy_(a.to(p.device, p.dtype))
+            p.requires_grad_(False)
+
+
+def lora_a_digest(model: torch.nn.Module) -> str:
+    """CRC32 of every LoRA A matrix (float32 bytes): equal digests mean identical frozen As."""
+    crc = 0
+    for name, p in model.named_parameters():
+        if ".lora_A." in name:
+            crc = zlib.crc32(p.detach().to("cpu", torch.float32).numpy().tobytes(), crc)
+    return f"{crc:08x}"
+
+
+LAYOUT_METRIC = "adapter_layout"  # fit-reply metric carrying a site's adapter_layout()
+
+
+def adapter_layout(model: torch.nn.Module) -> str:
+    """CRC32 of the trainable tensors' names and shapes, in transfer order: a site sends it with
+    each update and the server compares it with its own (server/validation.py). Not the dtypes:
+    a GPU site may train in bfloat16; every update travels as float32."""
+    crc = 0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            crc = zlib.crc32(f"{name}:{tuple(p.shape)};".encode(), crc)
+    return f"{crc:08x}"
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
@@ -72,10 +119,17 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+        fsync_dir(tmp)
         old = directory.with_name(f".{directory.name}.old")
+        if old.exists():  # a crash between the two renames below: `old` is the last good one
+            if directory.exists():
+                shutil.rmtree(old)
+            else:
+                os.replace(old, directory)
         if directory.exists():
             os.replace(directory, old)
         os.replace(tmp, directory)
+        fsync_dir(directory.parent)  # the renames are durable before the round counts as done
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,14 +20,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
+
+from common.atomic import atomic_write, atomic_write_text
 
 STATE_FILE = "server_state.npz"
 FORMAT = 1
@@ -43,42 +43,6 @@ class ResumeError(ValueError):
 
 # ---------------------------------------------------------------------------------------------
 # Atomic files.
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename in `directory` durable (POSIX: fsync the directory itself)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` via a temporary file in the same directory: fsync, rename, fsync the dir.
-    A crash at any point leaves the old file (or none) and at most a `.NAME.*.tmp` file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 # ---------------------------------------------------------------------------------------------
