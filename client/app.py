@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
 import zlib
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +20,30 @@ import numpy as np
 import torch
 from flwr.client import ClientApp, NumPyClient
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import Mod
 from flwr.common import Context
 
+from client.central_clip import clip_delta_if_asked
 from client.ledger import PrivacyLedger
-from client.trainer import poisson_sample_rate, train_local
+from client.privacy_gate import STATUS_BUDGET_EXHAUSTED, STATUS_OK, STATUS_REFUSED, admit_round
+from client.trainer import train_local
+from common.codec import METRIC_KEY, encode
 from common.config import RunConfig
 from common.data import EncodedDataset, read_records
-from common.lora import get_adapter, set_adapter
-from common.privacy import calibrate_noise, check_delta, epsilon
+from common.input_checks import check_task_records, warn_long_records
+from common.lora import (
+    LAYOUT_METRIC,
+    adapter_layout,
+    get_adapter,
+    lora_a_digest,
+    set_adapter,
+)
+from common.payload import payload_digest
 from common.runtime import ModelRuntime, get_runtime
 from common.tasks import encode_records, num_labels, resolve_task
 
-STATUS_OK = "ok"
-STATUS_BUDGET_EXHAUSTED = "budget_exhausted"
+__all__ = ["STATUS_BUDGET_EXHAUSTED", "STATUS_OK", "STATUS_REFUSED", "FedtuneClient", "SiteSpec",
+           "build_client_app", "load_site_dataset"]
 
 
 @dataclass(frozen=True)
@@ -42,16 +55,28 @@ class SiteSpec:
     state_dir: Path
 
 
-_DATA_CACHE: dict[tuple[str, float], EncodedDataset] = {}
+# Tokenized site datasets, least recently used last. Bounded: a simulation worker serves many
+# sites (1,000 in a large run), and memory must not grow with their number.
+_DATA_CACHE: OrderedDict[tuple[str, float], EncodedDataset] = OrderedDict()
+DATA_CACHE_SIZE = 4
 
 
 def load_site_dataset(spec: SiteSpec, cfg: RunConfig, rt: ModelRuntime) -> EncodedDataset:
-    """Read and tokenize this site's own file (cached per process; keyed by path + mtime)."""
+    """Read and tokenize this site's own file (an LRU cache of the last few sites per process;
+    keyed by path + mtime)."""
     key = (str(spec.data_path), spec.data_path.stat().st_mtime)
-    if key not in _DATA_CACHE:
-        records = read_records(spec.data_path)
-        _DATA_CACHE[key] = encode_records(records, rt.tokenizer, cfg, rt.task, cfg.data.labels)
-    return _DATA_CACHE[key]
+    if key in _DATA_CACHE:
+        _DATA_CACHE.move_to_end(key)
+        return _DATA_CACHE[key]
+    records = read_records(spec.data_path)
+    # The run's columns and label set, every record, before any is used (DataError: file:line).
+    check_task_records(records, cfg, rt.task, cfg.data.labels)
+    warn_long_records(records, cfg, rt.task)
+    data = encode_records(records, rt.tokenizer, cfg, rt.task, cfg.data.labels)
+    _DATA_CACHE[key] = data
+    while len(_DATA_CACHE) > DATA_CACHE_SIZE:
+        _DATA_CACHE.popitem(last=False)
+    return data
 
 
 class FedtuneClient(NumPyClient):
@@ -62,50 +87,38 @@ class FedtuneClient(NumPyClient):
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
         cfg, spec = self.cfg, self.spec
         task = resolve_task(cfg)
-        rt = get_runtime(cfg, task, num_labels(cfg, task))
-        data = load_site_dataset(spec, cfg, rt)
         run_id, rnd = str(config["run_id"]), int(config["server_round"])
         steps, total_rounds = int(config["local_steps"]), int(config["num_rounds"])
-        metrics: dict = {"site_id": spec.site_id, "records": len(data)}
+        metrics: dict = {"site_id": spec.site_id}
+
+        def dataset() -> EncodedDataset:
+            rt = get_runtime(cfg, task, num_labels(cfg, task))
+            return load_site_dataset(spec, cfg, rt)
 
         sigma, q = 0.0, 0.0
         ledger = PrivacyLedger(spec.state_dir, spec.site_id)
         if cfg.dp.enabled:
-            dp = cfg.dp
-            check_delta(dp.delta, len(data), where=f"site {spec.site_id}: ")
-            q = poisson_sample_rate(len(data), cfg.train.batch_size)
-            sigma = dp.noise_multiplier
-            if sigma is None:  # calibrated so the whole planned run ends at target epsilon
-                sigma = calibrate_noise(dp.target_epsilon, dp.delta, q, total_rounds * steps,
-                                        dp.accountant)
-            planned = [*ledger.history(run_id), (sigma, q, steps)]
-            eps_next = epsilon(planned, dp.delta, dp.accountant)
-            if dp.target_epsilon is not None and eps_next > dp.target_epsilon * 1.001:
-                # Decline before touching the data; a zero-example reply carries no update.
-                metrics.update(status=STATUS_BUDGET_EXHAUSTED,
-                               epsilon=ledger.spent(dp.delta, dp.accountant, run_id))
-                return [np.zeros_like(p) for p in parameters], 0, metrics
-            # The spend is committed (fsync) before training: a crash can only over-count.
-            row = ledger.record_round(
-                run_id=run_id, round=rnd, noise_multiplier=sigma, sample_rate=q, steps=steps,
-                max_grad_norm=dp.max_grad_norm, delta=dp.delta, records=len(data),
-                accountant=dp.accountant,
-            )
-            metrics.update(
-                epsilon=row.epsilon_run,
-                epsilon_round=epsilon([(sigma, q, steps)], dp.delta, dp.accountant),
-                epsilon_total=row.epsilon_total,
-                delta=dp.delta,
-                noise_multiplier=sigma,
-                sample_rate=q,
-            )
+            # Checked before the data is used; the spend is committed (fsync) before training.
+            gate = admit_round(ledger, cfg, run_id=run_id, server_round=rnd, steps=steps,
+                               rounds=total_rounds, count_records=lambda: len(dataset()))
+            metrics.update(gate.metrics)
+            if not gate.admitted:  # a zero-example reply carries no update
+                zeros = [np.zeros_like(p) for p in parameters]
+                return zeros, 0, metrics | _record_payload(ledger, run_id, rnd, metrics, zeros)
+            sigma, q = gate.noise_multiplier, gate.sample_rate
 
+        rt = get_runtime(cfg, task, num_labels(cfg, task))
+        data = dataset()
+        metrics["records"] = len(data)
         set_adapter(rt.model, parameters)
+        started = time.perf_counter()
         result = train_local(
             rt.model, data, task=task, pad_id=rt.pad_id, device=rt.device, train=cfg.train,
             dp=cfg.dp, noise_multiplier=sigma, steps=steps,
             seed=zlib.crc32(f"{cfg.seed}:{spec.site_id}:{rnd}".encode()),
+            proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
         )
+        metrics["train_seconds"] = time.perf_counter() - started
         if cfg.dp.enabled and not math.isclose(result.sample_rate, q):
             raise RuntimeError(f"sample rate mismatch: accounted {q}, trained {result.sample_rate}")
         local = get_adapter(rt.model)
@@ -113,21 +126,49 @@ class FedtuneClient(NumPyClient):
                                                                        strict=True)]
         metrics.update(status=STATUS_OK, train_loss=result.mean_loss,
                        examples_seen=result.examples_seen)
-        return delta, len(data), metrics
+        clipped = clip_delta_if_asked(delta, config)  # site-level DP with client-side clipping
+        metrics.update(clipped)
+        metrics[LAYOUT_METRIC] = adapter_layout(rt.model)  # names + shapes, checked by the server
+        if cfg.federation.freeze_lora_a:  # FFA-LoRA: the server checks every site has its A
+            metrics["lora_a_digest"] = lora_a_digest(rt.model)
+        encoding = cfg.federation.update_encoding  # fp16 / int8: decoded by the server
+        if encoding != "fp32":
+            delta = encode(delta, encoding)
+            metrics[METRIC_KEY] = encoding
+        metrics.update(_record_payload(ledger, run_id, rnd, metrics, delta))
+        # Site-level DP weighs sites equally, also inside SecAgg+'s weighted sum.
+        return delta, 1 if clipped else len(data), metrics
 
 
-def _set_threads(cfg: RunConfig) -> None:
-    parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
-    torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // parallel))
+def _record_payload(ledger: PrivacyLedger, run_id: str, rnd: int, metrics: dict,
+                    arrays: list[np.ndarray]) -> dict:
+    """Write (fsync) the size and hash of what is about to leave the site into its ledger."""
+    digest = payload_digest(arrays)
+    ledger.record_payload(run_id=run_id, round=rnd, status=str(metrics.get("status", "?")),
+                          size=digest.bytes, sha256=digest.sha256, tensors=digest.tensors)
+    return {"payload_bytes": digest.bytes, "payload_sha256": digest.sha256}
+
+
+def _set_threads(cfg: RunConfig, parallel_sites: int) -> None:
+    """train.threads, or this machine's cores shared among the sites that train at once."""
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cfg.train.threads or max(1, cores // max(1, parallel_sites)))
 
 
 def build_client_app(
-    cfg: RunConfig, resolve_site: Callable[[Context], SiteSpec], *, secagg: bool
+    cfg: RunConfig, resolve_site: Callable[[Context], SiteSpec], *, secagg: bool,
+    extra_mods: Sequence[Mod] = (), parallel_sites: int = 1,
 ) -> ClientApp:
-    """A ClientApp whose `client_fn` finds the site's own spec from the Flower context."""
+    """A ClientApp whose `client_fn` finds the site's own spec from the Flower context.
+
+    `extra_mods` run inside SecAgg+, on the site's plain reply (e.g. the deployment's local
+    audit copy of each sent update, client/flower_app.py). `parallel_sites`: how many sites
+    train at once on this machine (simulation workers); a deployed site (1) uses every core.
+    """
 
     def client_fn(context: Context):
-        _set_threads(cfg)
+        _set_threads(cfg, parallel_sites)
         return FedtuneClient(resolve_site(context), cfg).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secaggplus_mod] if secagg else [])
+    mods = [secaggplus_mod] if secagg else []
+    return ClientApp(client_fn=client_fn, mods=[*mods, *extra_mods])

@@ -33,6 +33,7 @@ from common.site_config import SiteConfig
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXIT_REFUSED = 3  # the coordinator refused this site's key and --max-restarts ran out
+EXIT_INVALID_INPUT = 2  # the start-up checks failed (client/preflight.py): nothing was started
 
 
 class JsonLog:
@@ -201,6 +202,14 @@ class SiteDaemon:
         self.log("started", coordinator=c.coordinator.address, data=str(c.data),
                  state_dir=str(c.state_dir), tls=not self.insecure,
                  privacy=c.privacy.model_dump(exclude_none=True), pid=os.getpid())
+        # Data, state directory, ledger: checked before the SuperNode (and any training) starts.
+        from client.preflight import preflight
+
+        problems = preflight(c)
+        if problems:
+            self.log("invalid_input", "error", problems=problems,
+                     msg="start-up checks failed; nothing was started: " + "; ".join(problems))
+            return EXIT_INVALID_INPUT
         failures = 0
         restarts = 0
         while not self.stopping.is_set():

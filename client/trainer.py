@@ -25,6 +25,7 @@ class TrainResult:
     mean_loss: float
     steps: int
     examples_seen: int  # examples actually sampled across all steps
+    empty_steps: int  # Poisson batches with no example (noise-only DP steps)
     sample_rate: float  # q used for accounting (0 without DP)
 
 
@@ -50,6 +51,24 @@ def _batches(loader: torch.utils.data.DataLoader, steps: int):
                 return
 
 
+def _step(
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    anchor: list[torch.Tensor] | None,
+    pull: float,
+) -> None:
+    """One optimizer step, then FedProx's proximal step -lr*mu*(w_before - w_global)."""
+    if anchor is None:
+        optimizer.step()
+        return
+    with torch.no_grad():
+        gaps = [p.detach() - a for p, a in zip(params, anchor, strict=True)]
+    optimizer.step()
+    with torch.no_grad():
+        for p, g in zip(params, gaps, strict=True):
+            p.sub_(g, alpha=pull)
+
+
 def train_local(
     model: torch.nn.Module,
     dataset: EncodedDataset,
@@ -62,10 +81,20 @@ def train_local(
     noise_multiplier: float,
     steps: int,
     seed: int,
+    proximal_mu: float = 0.0,
 ) -> TrainResult:
-    """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place."""
+    """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place.
+
+    `proximal_mu` > 0 adds FedProx's term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020), with
+    w_global the parameters on entry (the global adapter the site just received). Its gradient
+    mu (w - w_global) is applied after the optimizer step (with the weights of before the step),
+    so with SGD every step is exactly a gradient step on the FedProx objective; with AdamW the
+    pull is decoupled from the adaptive scaling, like AdamW's weight decay. It does not touch the
+    data, so under DP it is post-processing: outside per-sample clipping and noise, no privacy cost.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = _optimizer(params, train)
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
@@ -91,22 +120,26 @@ def train_local(
                 poisson_sampling=True,
             )
         sample_rate = float(loader.sample_rate)
+        # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
+        # Poisson batch is empty; PadCollator builds empty batches itself.
+        loader.collate_fn = PadCollator(pad_id)
     losses: list[float] = []
-    seen = 0
+    seen = empty = 0
     try:
         for batch in _batches(loader, steps):
             optimizer.zero_grad(set_to_none=True)
             n = int(batch["input_ids"].shape[0])
             if n == 0:
+                empty += 1
                 # An empty Poisson batch is still a DP step: the update is pure noise.
                 for p in params:
                     p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
-                optimizer.step()
+                _step(optimizer, params, anchor, train.lr * proximal_mu)
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = per_sample_loss(module, batch, task).mean()
             loss.backward()
-            optimizer.step()
+            _step(optimizer, params, anchor, train.lr * proximal_mu)
             losses.append(loss.item())
             seen += n
     finally:
@@ -116,4 +149,4 @@ def train_local(
                 p.grad_sample = None
             optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return TrainResult(mean_loss, steps, seen, sample_rate)
+    return TrainResult(mean_loss, steps, seen, empty, sample_rate)

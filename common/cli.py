@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 
 from common.config import ConfigError, config_to_toml, load_config
+from common.deploy_cli import register as register_deploy_commands
 
 app = typer.Typer(
     help="fedtune: federated, differentially private LoRA fine-tuning of language models.",
@@ -21,6 +22,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+register_deploy_commands(app)  # certs, server, client, demo-data
 
 console = Console()
 err_console = Console(stderr=True)
@@ -99,6 +101,42 @@ def simulate(
     finished = [m["round"] for m in metrics]
     if cfg.federation.rounds not in finished:
         _fail(f"the run stopped before round {cfg.federation.rounds}; see {prepared.run_dir}")
+
+
+@app.command()
+def report(
+    source: Path = typer.Argument(..., help="A run directory, or one site's privacy ledger file."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Output folder (default: RUN_DIR/report, or next to the ledger)."
+    ),
+    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also print a PDF (needs Chromium)."),
+) -> None:
+    """Privacy report for a compliance officer: JSON + self-contained HTML (+ PDF)."""
+    if not source.exists():
+        _fail(f"{source}: no such run directory or ledger file")
+    from server.report import write_report
+
+    try:
+        data, files = write_report(source, out, pdf=pdf)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    for site in data["sites"]:
+        acc = site["accountant"]
+        if site["delta"] is None:
+            console.print(f"{site['site_id']}: no DP round in its ledger")
+            continue
+        console.print(
+            f"{site['site_id']}: {site['records']} records, ε = {site['epsilon_total'][acc]:.4g} "
+            f"(all runs, {acc.upper()}) at δ = {site['delta']:g}"
+        )
+    if data["central_dp"]:
+        c = data["central_dp"]
+        console.print(f"site-level (central DP): ε = {c['epsilon_rdp']:.4g} at δ = {c['delta']:g}")
+    for w in data["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {w['message']}", markup=True, highlight=False)
+    console.print(f"JSON: {files.json}\nHTML: {files.html}")
+    console.print(f"PDF:  {files.pdf}" if files.pdf else
+                  "PDF:  not made (no Chromium found, or --no-pdf)")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class ConfigError(ValueError):
@@ -62,7 +69,11 @@ class DPConfig(_Section):
     target_epsilon: float | None = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     max_grad_norm: float = Field(1.0, gt=0)
+    # Accountant that plans and enforces the budget; the ledger records both RDP and PRV.
     accountant: Literal["rdp", "prv"] = "rdp"
+    # The site's privacy budget over all runs in its ledger (None: only the per-run target).
+    # A round that would take the site's total epsilon above it is declined.
+    max_epsilon: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> DPConfig:
@@ -84,18 +95,63 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)
 
 
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "product_svd"]
+STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__
+# Strategies that train and send only LoRA's B: A stays at its seeded random init (FFA-LoRA).
+FROZEN_A_STRATEGIES = frozenset({"ffa_lora"})
+
+
 class FederationConfig(_Section):
     """The federation: how many sites, rounds and how the server aggregates."""
 
     num_sites: int = Field(3, gt=0)
     rounds: int = Field(2, gt=0)
-    strategy: Literal["fedavg"] = "fedavg"
+    # One of STRATEGY_NAMES; see server/strategy/ (one file per method, with its paper).
+    strategy: StrategyName = "fedavg"
+    # FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 on the site's LoRA params.
+    proximal_mu: float = Field(0.01, ge=0)
+    # FedAdam / FedYogi server optimizer (Reddi et al., 2021): step size, moments, adaptivity.
+    server_lr: float = Field(1e-2, gt=0)
+    server_beta1: float = Field(0.9, ge=0, lt=1)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_tau: float = Field(1e-3, gt=0)
     fraction_fit: float = Field(1.0, gt=0, le=1)
     min_fit_sites: int = Field(1, gt=0)
-    # Flower SecAgg+ (deployment issue). Off in simulation by default.
-    secagg: bool = False
+    # Flower SecAgg+: the server sees only the sum of the sites' deltas. None (default) means
+    # off in `fedtune simulate` and on in a deployment (`fedtune server`).
+    secagg: bool | None = None
+    # SecAgg+ fixed-point encoding (server/secagg.py): per-coordinate bound on a site's weighted
+    # delta (larger values are clipped by SecAgg+), and an upper bound on any site's record
+    # count (the weight normaliser; the aggregate's quantization error grows with it).
+    secagg_clip: float = Field(1.0, gt=0)
+    secagg_max_records: int = Field(10_000, gt=0)
     # Sites trained in parallel in simulation (Ray actors); 0 = number of CPU cores.
     parallel_sites: int = Field(0, ge=0)
+    # Wire encoding of each site's delta (common/codec.py): "fp32" as is, "fp16" (1/2 the
+    # bytes) or "int8" with one scale per tensor (1/4). Not with SecAgg+ (its own encoding).
+    update_encoding: Literal["fp32", "fp16", "int8"] = "fp32"
+    # Reliability (docs/reliability.md). How long the server waits for the sites' replies to
+    # one exchange (a round; each of SecAgg+'s four stages); late or dead sites are left out
+    # and the round goes on with the others if at least min_fit_sites replied. None: no limit
+    # (a killed site is still noticed when Flower's heartbeat lapses, about a minute).
+    round_timeout_s: float | None = Field(None, gt=0)
+    # Server-side validation: a site update whose L2 norm (all tensors) is above this bound is
+    # rejected (with SecAgg+, the aggregate is checked instead). None: no norm bound.
+    max_update_norm: float | None = Field(None, gt=0)
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _known_strategy(cls, v: object) -> object:
+        if v not in STRATEGY_NAMES:
+            raise ValueError(
+                f"unknown strategy {v!r}; choose one of: {', '.join(STRATEGY_NAMES)}"
+            )
+        return v
+
+    @property
+    def freeze_lora_a(self) -> bool:
+        """True when the strategy trains and sends only LoRA's B matrices."""
+        return self.strategy in FROZEN_A_STRATEGIES
 
     @model_validator(mode="after")
     def _min_le_sites(self) -> FederationConfig:
@@ -104,7 +160,77 @@ class FederationConfig(_Section):
                 f"min_fit_sites ({self.min_fit_sites}) > num_sites ({self.num_sites}): "
                 "lower federation.min_fit_sites or raise federation.num_sites"
             )
+        if self.update_encoding != "fp32" and self.secagg:
+            raise ValueError(
+                f"federation.update_encoding = {self.update_encoding!r} cannot be combined with "
+                "SecAgg+: SecAgg+ sends its own fixed-point integers (federation.secagg_clip, "
+                "server/secagg.py), so a lossy fp16/int8 encoding would only add error. Set "
+                "federation.update_encoding = 'fp32' or federation.secagg = false"
+            )
+        if self.secagg:
+            _check_secagg_sites(self)
+        if self.strategy == "product_svd" and self.secagg:
+            raise ValueError(
+                "strategy 'product_svd' multiplies each site's B and A, so it needs the "
+                "individual updates; SecAgg+ reveals only their sum. Turn federation.secagg "
+                "off or choose fedavg / fedprox / fedadam / fedyogi / ffa_lora"
+            )
         return self
+
+
+def secagg_threshold(num_sites: int) -> int:
+    """SecAgg+ reconstruction threshold used by the server (server/app.py): how many sites of a
+    round must survive to the end for the sum to be unmasked. Dropouts tolerated: sites - it."""
+    return max(2, (2 * num_sites) // 3)
+
+
+def _check_secagg_sites(fed: FederationConfig) -> None:
+    """SecAgg+ settings that cannot work, refused with how to fix them."""
+    n = fed.num_sites
+    if n < 3:
+        raise ValueError(
+            f"SecAgg+ needs at least 3 sites (federation.num_sites = {n}): with 2, each site "
+            "could recover the other's update from the sum. Raise federation.num_sites or set "
+            "federation.secagg = false"
+        )
+    sampled = max(int(n * fed.fraction_fit), fed.min_fit_sites)
+    threshold = secagg_threshold(n)
+    need = max(3, threshold)
+    if sampled < need:
+        raise ValueError(
+            f"SecAgg+ with {n} sites unmasks a round only if {threshold} sampled sites survive "
+            f"it (and needs 3 or more), but federation.fraction_fit = {fed.fraction_fit:g} "
+            f"samples only {sampled} site(s) per round. Raise federation.fraction_fit to at "
+            f"least {need / n:.2g}, or set federation.secagg = false"
+        )
+
+
+# Strategies whose aggregate is the mean of the site updates: what site-level DP noise assumes.
+CENTRAL_DP_STRATEGIES = frozenset({"fedavg", "fedprox", "ffa_lora"})
+
+
+class CentralDPConfig(_Section):
+    """Optional site-level DP (DP-FedAvg): Flower's DifferentialPrivacy*Clipping wrappers.
+
+    Each site's update is clipped to L2 norm `clipping_norm`, the server averages them with
+    equal weight and adds Gaussian noise of std noise_multiplier * clipping_norm / sites.
+    """
+
+    enabled: bool = False
+    # "server": the server clips each update (it sees individual updates: no SecAgg+).
+    # "client": each site clips its own update (works with SecAgg+).
+    side: Literal["server", "client"] = "server"
+    # "adaptive": the clipping norm follows a quantile of the update norms (Andrew et al. 2021).
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    noise_multiplier: float = Field(1.0, gt=0)
+    # Fixed clipping norm, or the initial norm with adaptive clipping.
+    clipping_norm: float = Field(0.1, gt=0)
+    target_clipped_quantile: float = Field(0.5, ge=0, le=1)
+    clip_norm_lr: float = Field(0.2, gt=0)
+    # Noise std of the clipped-count with adaptive clipping; None: Flower's default (sites / 20).
+    clipped_count_stddev: float | None = Field(None, ge=0)
+    # Site-level delta; None: 1 / (10 x num_sites). Must be below 1 / num_sites.
+    delta: float | None = Field(None, gt=0, lt=1)
 
 
 class DataConfig(_Section):
@@ -145,6 +271,7 @@ class RunConfig(_Section):
     task: TaskConfig = TaskConfig()
     lora: LoraSettings = LoraSettings()
     dp: DPConfig = DPConfig()
+    central_dp: CentralDPConfig = CentralDPConfig()
     train: TrainConfig = TrainConfig()
     federation: FederationConfig = FederationConfig()
     data: DataConfig = DataConfig()
@@ -155,6 +282,32 @@ class RunConfig(_Section):
     def _cross_checks(self) -> RunConfig:
         if self.data.partition == "column" and not self.data.partition_column:
             raise ValueError("data.partition = 'column' needs data.partition_column")
+        cdp, sites = self.central_dp, self.federation.num_sites
+        if cdp.enabled and cdp.side == "server" and self.federation.secagg:
+            raise ValueError(
+                "central_dp.side = 'server' clips each site's update at the server, but with "
+                "SecAgg+ the server sees only their sum: set central_dp.side = 'client'"
+            )
+        if cdp.enabled and self.federation.strategy not in CENTRAL_DP_STRATEGIES:
+            raise ValueError(
+                f"central_dp calibrates its noise to the mean of the site updates; strategy "
+                f"{self.federation.strategy!r} does not output that mean. Use one of: "
+                f"{', '.join(sorted(CENTRAL_DP_STRATEGIES))}"
+            )
+        sampled = max(int(sites * self.federation.fraction_fit), self.federation.min_fit_sites)
+        count_std = (cdp.clipped_count_stddev if cdp.clipped_count_stddev is not None
+                     else sampled / 20)
+        if cdp.enabled and cdp.clipping == "adaptive" and cdp.noise_multiplier >= 2 * count_std:
+            raise ValueError(
+                f"adaptive clipping splits central_dp.noise_multiplier = {cdp.noise_multiplier:g} "
+                f"between the update and the clipped count, whose noise std is "
+                f"{count_std:g} (central_dp.clipped_count_stddev, default sites/20); it must be "
+                f"> noise_multiplier / 2: raise central_dp.clipped_count_stddev"
+            )
+        if cdp.enabled and cdp.delta is not None and cdp.delta >= 1.0 / sites:
+            raise ValueError(
+                f"central_dp.delta = {cdp.delta:g} is not below 1/num_sites = {1 / sites:.3g}"
+            )
         return self
 
 

@@ -74,14 +74,18 @@ def _read_csv(text: str, path: Path) -> list[Record]:
     if not reader.fieldnames:
         raise DataError(f"{path}:1: missing CSV header")
     out = []
-    for row in reader:
-        line = reader.line_num
-        if None in row or any(v is None for v in row.values()):
-            raise DataError(
-                f"{path}:{line}: expected {len(reader.fieldnames)} columns "
-                f"({', '.join(reader.fieldnames)})"
-            )
-        out.append(Record(dict(row), str(path), line))
+    try:
+        for row in reader:
+            line = reader.line_num
+            if None in row or any(v is None for v in row.values()):
+                raise DataError(
+                    f"{path}:{line}: expected {len(reader.fieldnames)} columns "
+                    f"({', '.join(reader.fieldnames)})"
+                )
+            out.append(Record(dict(row), str(path), line))
+    except csv.Error as e:  # e.g. an unclosed quote that runs into the following lines
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({e}); an unclosed quote "
+                        "(\") runs into the following lines?") from None
     return out
 
 

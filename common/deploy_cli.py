@@ -135,6 +135,9 @@ def server(
                                   "(0: no limit)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plaintext, no site "
                                   "authentication. Test networks only."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run "
+                                "(output.run_name, default: the latest) after its last "
+                                "completed round."),
 ) -> None:
     """Start the coordinator: a Flower SuperLink (TLS, site authentication) and the run."""
     try:
@@ -159,7 +162,7 @@ def server(
     coord = Coordinator(opts, say=console.print)
     try:
         keys = coord.check()
-        prepared = prepare_deployment(cfg)
+        prepared = prepare_deployment(cfg, resume=resume)
     except (CoordinatorError, ConfigError, DataError, FileExistsError, ValueError) as e:
         _fail(str(e))
     c = prepared.cfg
@@ -172,6 +175,15 @@ def server(
         f"TLS {'OFF' if insecure else 'on'}"
     )
     console.print(f"run directory: {prepared.run_dir}")
+    if prepared.resume:
+        done = prepared.resumed_after
+        console.print(f"resuming run {prepared.run_name}: " + (
+            f"rounds 1..{done} completed, continuing at round {done + 1}" if done
+            else "no round completed yet, starting at round 1"))
+        if done is not None and done >= c.federation.rounds:
+            console.print(f"all {c.federation.rounds} rounds are complete; nothing to do")
+            console.print(f"final adapter: {prepared.run_dir / 'adapter'}")
+            return
 
     import signal
 
@@ -187,6 +199,7 @@ def server(
                       f"Control API {opts.control_address}; log {opts.log_path}")
         for site_id, what in coord.register_sites(keys).items():
             console.print(f"site key {site_id}: {what}")
+        coord.wait_for_stale_nodes()  # after a restart: sites listed online from before it
         run_id = coord.submit(prepared)
         console.print(f"Flower run {run_id} submitted; waiting for "
                       f"{c.federation.num_sites} sites")
@@ -235,6 +248,12 @@ def client(
     except ConfigError as e:
         _fail(str(e))
     if check:
+        from client.preflight import preflight
+
+        problems = preflight(cfg)
+        if problems:
+            _fail(f"{config}: site {cfg.site_id} is not ready:\n"
+                  + "\n".join(f"  {p}" for p in problems))
         console.print(f"{config}: OK (site {cfg.site_id})")
         return
     if insecure:

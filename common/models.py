@@ -103,6 +103,10 @@ def _build_gguf_cache(src_dir: Path, gguf_file: str, target: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(src_dir, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are dequantized now: drop GGUF's quantization note, or HF tools (Trainer)
+    # treat the cached model as a quantized one.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=target.parent))
     try:
         model.config.save_pretrained(tmp)

@@ -6,8 +6,11 @@ Gaussian mechanism steps. Composing the whole history gives the site's epsilon a
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -30,32 +33,76 @@ def check_delta(delta: float, records: int, where: str = "") -> None:
         )
 
 
+ACCOUNTANTS = ("rdp", "prv")
+
+
 def epsilon(history: Sequence[Mechanism], delta: float, accountant: str = "rdp") -> float:
-    """Epsilon at `delta` of the composition of all mechanisms in `history` (0 if empty)."""
-    steps = [(float(s), float(q), int(n)) for s, q, n in history if n > 0]
+    """Epsilon at `delta` of the composition of all mechanisms in `history` (0 if empty).
+
+    RDP (Mironov 2017) is an upper bound; PRV (Gopi et al. 2021) is Opacus' numerical
+    accountant, of which the upper end of its error interval is returned, so both are
+    guarantees. PRV's discretisation error is kept to ~0.2% of epsilon (at least 1e-4).
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in history:  # composition is commutative: merge equal mechanisms (faster PRV)
+        if n > 0:
+            merged[(float(s), float(q))] = merged.get((float(s), float(q)), 0) + int(n)
+    return _epsilon(tuple(sorted((s, q, n) for (s, q), n in merged.items())), delta, accountant)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon(steps: tuple[Mechanism, ...], delta: float, accountant: str) -> float:
+    # Memoised: every round of every site asks for the same few compositions, and one PRV or
+    # RDP evaluation costs seconds of CPU next to well under a second of local training.
     if not steps:
         return 0.0
     if any(s == 0 for s, _, _ in steps):
         return float("inf")
-    acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = list(steps)
-    return float(acc.get_epsilon(delta=delta))
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = list(steps)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the")  # still a bound
+            return float(rdp.get_epsilon(delta=delta))
+    if accountant != "prv":
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+    # RDP is (in practice) above PRV, so 0.2% of it keeps PRV's relative error near 0.2%.
+    eps_rdp = epsilon(steps, delta, "rdp")
+    eps_error = min(0.01, max(1e-4, 0.002 * eps_rdp))
+    prv = PRVAccountant()
+    prv.history = list(steps)
+    with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # q = 1 makes Opacus' PRV take log(0) harmlessly
+        try:
+            return min(eps_rdp, float(prv.get_epsilon(delta=delta, eps_error=eps_error)))
+        except (ValueError, MemoryError, OverflowError):
+            # PRV's grid cannot cover extreme mechanisms (e.g. almost no noise): RDP's bound
+            # still holds, so report it rather than nothing.
+            return eps_rdp
 
 
+def epsilons(history: Sequence[Mechanism], delta: float) -> dict[str, float]:
+    """Epsilon at `delta` from every accountant: {"rdp": ..., "prv": ...}."""
+    return {name: epsilon(history, delta, name) for name in ACCOUNTANTS}
+
+
+@functools.lru_cache(maxsize=1024)
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
     """Smallest noise multiplier whose `steps` Poisson-Gaussian steps stay <= target_epsilon."""
     try:
-        return float(
-            get_noise_multiplier(
-                target_epsilon=target_epsilon,
-                target_delta=delta,
-                sample_rate=sample_rate,
-                steps=steps,
-                accountant=accountant,
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the")  # still a bound
+            return float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=delta,
+                    sample_rate=sample_rate,
+                    steps=steps,
+                    accountant=accountant,
+                )
             )
-        )
     except ValueError as e:
         raise PrivacyBudgetError(
             f"cannot reach epsilon {target_epsilon} with {steps} steps at sample rate "

@@ -38,25 +38,62 @@ def encode_records(
     return EncodedDataset(items)
 
 
+# Causal LMs whose forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling
+# or soft-capping), for which the LM head can be applied to the labelled positions only.
+_PLAIN_LM_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+
+def _lm_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module] | None:
+    """(decoder body, LM head) of a (PEFT-, Opacus-wrapped) causal LM, or None if unknown."""
+    inner = getattr(model, "_module", model)  # Opacus GradSampleModule
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner  # PeftModel
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_LM_HEAD_TYPES:
+        return None
+    if not (hasattr(base, "get_decoder") and hasattr(base, "get_output_embeddings")):
+        return None
+    head = base.get_output_embeddings()
+    return (base.get_decoder(), head) if head is not None else None
+
+
+def label_token_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Causal LM: next-token cross-entropy at every labelled position.
+
+    Returns (losses [N], row of each loss [N], labelled tokens per row [B]). For the plain
+    architectures above, the LM head (hidden x vocabulary, the largest matmul of a small model)
+    runs only on the N labelled positions, not on all B x T (prompt and padding included); the
+    math is the same as taking the full logits and ignoring unlabelled positions.
+    """
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE_INDEX
+    rows = torch.arange(labels.size(0), device=labels.device).unsqueeze(1).expand_as(labels)[mask]
+    parts = _lm_parts(model)
+    if parts is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1][mask].float()
+    else:
+        body, head = parts
+        hidden = body(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+        ).last_hidden_state
+        logits = head(hidden[:, :-1][mask]).float()
+    return F.cross_entropy(logits, labels[mask], reduction="none"), rows, mask.sum(dim=1)
+
+
 def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: TaskKind):
     """Loss of each example (shape [B]).
 
     Reduced per sample, not per token, so that each example's gradient is one example's
     contribution: what DP-SGD clips, and what Opacus' loss_reduction="mean" assumes.
     """
+    if task != "classification":
+        tok_loss, rows, n_tok = label_token_losses(model, batch)
+        total = torch.zeros(n_tok.shape[0], dtype=tok_loss.dtype, device=tok_loss.device)
+        return total.index_add(0, rows, tok_loss) / n_tok.clamp(min=1)
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits.float()
-    if task == "classification":
-        return F.cross_entropy(logits, batch["labels"], reduction="none")
-    labels = batch["labels"][:, 1:]
-    tok_loss = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)),
-        labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(labels.shape)
-    n_tok = (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
-    return tok_loss.sum(dim=1) / n_tok
+    return F.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
 
 
 @torch.no_grad()
@@ -78,22 +115,17 @@ def evaluate(
     preds, golds = [], []
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        logits = out.logits.float()
-        if task == "classification":
-            total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            total_tokens += batch["labels"].numel()
-            preds.append(logits.argmax(-1).cpu().numpy())
-            golds.append(batch["labels"].cpu().numpy())
-        else:
-            labels = batch["labels"][:, 1:]
-            total_loss += F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.size(-1)),
-                labels.reshape(-1),
-                ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
-            total_tokens += int((labels != IGNORE_INDEX).sum())
+        if task != "classification":
+            tok_loss, _, n_tok = label_token_losses(model, batch)
+            total_loss += tok_loss.sum().item()
+            total_tokens += int(n_tok.sum())
+            continue
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits.float()
+        total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        total_tokens += batch["labels"].numel()
+        preds.append(logits.argmax(-1).cpu().numpy())
+        golds.append(batch["labels"].cpu().numpy())
     model.train(was_training)
     loss = total_loss / max(total_tokens, 1)
     if task == "classification":

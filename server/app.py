@@ -2,7 +2,9 @@
 
 One code path for simulation and deployment: `DefaultWorkflow`, whose fit step is Flower's
 `SecAggPlusWorkflow` when secure aggregation is on (in Flower 1.39 SecAgg+ exists only on this
-path, with a `LegacyContext` and a legacy strategy).
+path, with a `LegacyContext` and a legacy strategy). It runs as server/workflow.py's resumable
+variant: the server's state is saved after every round (server/state.py), `resume` continues
+after the last completed round, and `federation.round_timeout_s` bounds every exchange.
 """
 
 from __future__ import annotations
@@ -12,20 +14,34 @@ from pathlib import Path
 
 from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import SecAggPlusWorkflow
 
-from common.config import RunConfig
+from common.config import RunConfig, secagg_threshold
 from common.data import read_records
-from common.lora import get_adapter
+from common.lora import adapter_layout, get_adapter
 from common.runtime import get_runtime
 from common.tasks import encode_records, num_labels, resolve_task
 from server.recorder import RoundListener, RunRecorder
+from server.secagg import secagg_params
+from server.state import (
+    prepare_resume,
+    restore_strategy_state,
+    save_state,
+    state_after_round,
+)
 from server.strategy import STRATEGIES
+from server.strategy.central_dp import with_central_dp
+from server.validation import UpdateChecks
+from server.workflow import ResumableWorkflow, TimeoutGrid
 
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial) -> object:
     fed = cfg.federation
-    return STRATEGIES[fed.strategy](
+    if fed.strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {fed.strategy!r}; choose one of: "
+                         f"{', '.join(STRATEGIES)}")
+    cls = STRATEGIES[fed.strategy]
+    strategy = cls(
         fraction_fit=fed.fraction_fit,
         min_fit_clients=fed.min_fit_sites,
         min_available_clients=fed.num_sites,
@@ -39,7 +55,16 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial) -> object:
             recorder.fit_config, num_rounds=fed.rounds, local_steps=cfg.train.local_steps
         ),
         after_aggregate=recorder.after_aggregate,
+        **cls.config_kwargs(cfg, recorder.rt.model),
     )
+    if cfg.central_dp.enabled:  # site-level DP: Flower's DP wrapper around the strategy
+        strategy = with_central_dp(strategy, cfg, on_release=recorder.record_central_dp)
+    strategy.on_round_info = recorder.record_aggregation  # aggregation time, bytes received
+    strategy.update_checks = UpdateChecks(  # server/validation.py, before aggregation
+        max_norm=fed.max_update_norm, layout=adapter_layout(recorder.rt.model),
+        secagg=bool(fed.secagg), min_updates=fed.min_fit_sites,
+    )
+    return strategy
 
 
 def build_fit_workflow(cfg: RunConfig):
@@ -47,13 +72,19 @@ def build_fit_workflow(cfg: RunConfig):
     if not cfg.federation.secagg:
         return None
     n = cfg.federation.num_sites
-    return SecAggPlusWorkflow(num_shares=n, reconstruction_threshold=max(2, (2 * n) // 3))
+    return SecAggPlusWorkflow(
+        num_shares=n, reconstruction_threshold=secagg_threshold(n),
+        **secagg_params(n, clip=cfg.federation.secagg_clip,
+                        max_records=cfg.federation.secagg_max_records),
+    )
 
 
 def build_server_app(
     cfg: RunConfig, run_dir: Path, run_id: str, eval_path: Path,
-    listener: RoundListener | None = None,
+    listener: RoundListener | None = None, *, resume: bool = False,
 ) -> ServerApp:
+    """The ServerApp; with `resume`, it continues the run in `run_dir` after its last completed
+    round (server/state.py), with the same run id."""
     app = ServerApp()
 
     @app.main()
@@ -62,11 +93,26 @@ def build_server_app(
         rt = get_runtime(cfg, task, num_labels(cfg, task))
         eval_data = encode_records(read_records(eval_path), rt.tokenizer, cfg, task,
                                    cfg.data.labels)
+        point = prepare_resume(run_dir, run_id, rt.model) if resume else None
         recorder = RunRecorder(run_dir, run_id, rt, eval_data, listener)
-        strategy = build_strategy(cfg, recorder, get_adapter(rt.model))
+        strategy = build_strategy(cfg, recorder, point.adapter if point else get_adapter(rt.model))
+        if point is not None:
+            restore_strategy_state(strategy, point.state.strategy)
+        fed = cfg.federation
         legacy = LegacyContext(
-            context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy
+            context, config=ServerConfig(num_rounds=fed.rounds, round_timeout=fed.round_timeout_s),
+            strategy=strategy,
         )
-        DefaultWorkflow(fit_workflow=build_fit_workflow(cfg))(grid, legacy)
+        last = [point.state if point else None]
+
+        def on_round_end(server_round: int, _ctx: LegacyContext) -> None:
+            last[0] = state_after_round(run_dir, run_id, server_round, fed.rounds, strategy,
+                                        last[0])
+            save_state(run_dir, last[0])
+
+        workflow = ResumableWorkflow(fit_workflow=build_fit_workflow(cfg),
+                                     start_round=point.next_round if point else 1,
+                                     on_round_end=on_round_end)
+        workflow(TimeoutGrid(grid, fed.round_timeout_s) if fed.round_timeout_s else grid, legacy)
 
     return app

@@ -35,10 +35,10 @@ from pathlib import Path
 import tomli_w
 
 from common.certs import CertPaths, registered_keys
-from common.config import ConfigError, RunConfig, config_to_toml
+from common.config import ConfigError, RunConfig, config_to_toml, load_config
 from common.data import Record, read_label_set, read_records, write_jsonl
 from common.tasks import resolve_task
-from server.flower_app import RUN_CONFIG_KEY, RUN_NAME_KEY, run_paths
+from server.flower_app import RESUME_KEY, RUN_CONFIG_KEY, RUN_NAME_KEY, run_paths
 
 CONNECTION = "fedtune"  # name of the SuperLink connection in FLWR_HOME/config.toml
 APP_NAME = "fedtune-run"
@@ -79,6 +79,8 @@ class PreparedDeployment:
     run_name: str
     run_dir: Path
     eval_path: Path
+    resume: bool = False  # `--resume`: continue after the last completed round
+    resumed_after: int | None = None  # that round (None: none completed, start at round 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,8 +116,59 @@ def _heldout(cfg: RunConfig, task: str) -> tuple[list[Record], list[Record]]:
     )
 
 
-def prepare_deployment(cfg: RunConfig) -> PreparedDeployment:
+def _flat(data: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _latest_run(out_dir: Path) -> str:
+    runs = ([d for d in out_dir.iterdir() if (d / "config.toml").is_file()]
+            if out_dir.is_dir() else [])
+    if not runs:
+        raise ConfigError(f"--resume: no run to resume in {out_dir}; name it with "
+                          "--set output.run_name=RUN")
+    return max(runs, key=lambda d: d.stat().st_mtime).name
+
+
+def _prepare_resume(cfg: RunConfig) -> PreparedDeployment:
+    """`fedtune server --resume`: the existing run directory, with its own configuration."""
+    from server.state import load_state
+
+    run_name = cfg.output.run_name or _latest_run(Path(cfg.output.dir))
+    run_dir, eval_path = run_paths(cfg, run_name)
+    stored_path = run_dir / "config.toml"
+    if not stored_path.is_file() or not eval_path.is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no fedtune run (no config.toml / "
+                          "eval.jsonl); start it without --resume")
+    stored = deployment_config(load_config(stored_path))
+    given = cfg
+    if not given.data.labels:
+        given = given.model_copy(update={"data": given.data.model_copy(
+            update={"labels": stored.data.labels})})
+    a = _flat(stored.model_dump(mode="json"))
+    b = _flat(given.model_dump(mode="json"))
+    differ = [k for k in sorted(set(a) | set(b)) if k != "output.run_name" and a.get(k) != b.get(k)]
+    if differ:
+        raise ConfigError(
+            f"--resume continues run {run_name!r} with the configuration it started with "
+            f"({stored_path}), but this one differs in: "
+            + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)
+            + ". Resume with the same settings (e.g. --config " + str(stored_path) + ")"
+        )
+    state = load_state(run_dir)
+    return PreparedDeployment(stored, run_name, run_dir, eval_path, resume=True,
+                              resumed_after=state.round if state else None)
+
+
+def prepare_deployment(cfg: RunConfig, *, resume: bool = False) -> PreparedDeployment:
     cfg = deployment_config(cfg)
+    if resume:
+        return _prepare_resume(cfg)
     task = resolve_task(cfg)
     run_name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
     run_dir, eval_path = run_paths(cfg, run_name)
@@ -159,6 +212,7 @@ def write_flower_app(directory: Path, prepared: PreparedDeployment) -> Path:
             "config": {
                 RUN_CONFIG_KEY: prepared.cfg.model_dump_json(),
                 RUN_NAME_KEY: prepared.run_name,
+                RESUME_KEY: prepared.resume,
             },
         }}},
     }
@@ -239,6 +293,7 @@ class Coordinator:
         self.say = say
         self.superlink: subprocess.Popen | None = None
         self._log_fh = None
+        self._started_at, self._started_wall = time.monotonic(), time.time()
         self.certs = CertPaths(Path(opts.certs_dir))
 
     # -- configuration checks ----------------------------------------------------------------
@@ -303,6 +358,7 @@ class Coordinator:
         o.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._write_flwr_config()
         self._log_fh = open(o.log_path, "ab")
+        self._started_at, self._started_wall = time.monotonic(), time.time()
         self.superlink = subprocess.Popen(
             self.superlink_command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
             env=child_env(o.flwr_home, o.extra_env), cwd=o.state_dir,
@@ -341,6 +397,43 @@ class Coordinator:
                 )
         return out
 
+    def stale_nodes(self) -> list[str]:
+        """Sites the SuperLink lists as online whose last sign of life (activation or heartbeat)
+        predates this SuperLink: left over from before a coordinator restart."""
+        from flwr.common.constant import HEARTBEAT_PATIENCE
+        from flwr.proto.control_pb2 import ListNodesRequest
+
+        client = self._control_client()
+        try:
+            res = client.ListNodes(ListNodesRequest())
+        finally:
+            client.close()
+        return [f"node {n.node_id}" if n.owner_name in ("", "none") else n.owner_name
+                for n in res.nodes_info
+                if n.status == "online"
+                and n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval
+                < self._started_wall - 1.0]
+
+    def wait_for_stale_nodes(self, patience_s: float = 65.0, poll_s: float = 2.0) -> None:
+        """After a restart, wait until no site is listed online from before it (each has sent a
+        heartbeat or re-activated since, or has been marked offline), at most Flower's heartbeat
+        patience (2 x 30 s). Otherwise the first round would be sent to SuperNodes that no
+        longer exist, and fail when their heartbeat lapses."""
+        said = False
+        while (up := time.monotonic() - self._started_at) < patience_s:
+            try:
+                stale = self.stale_nodes()
+            except Exception:  # noqa: BLE001 - a transient Control API error: retry
+                stale = ["?"]
+            if not stale:
+                return
+            if not said:
+                self.say(f"waiting for {len(stale)} site(s) that were online before this restart "
+                         f"to reconnect or time out ({', '.join(stale)}; at most "
+                         f"{patience_s - up:.0f} s)")
+                said = True
+            time.sleep(poll_s)
+
     # -- the run -----------------------------------------------------------------------------
     def submit(self, prepared: PreparedDeployment) -> int:
         app_dir = write_flower_app(self.opts.state_dir / "apps" / prepared.run_name, prepared)
@@ -353,12 +446,10 @@ class Coordinator:
             )
         return int(info["run-id"])
 
-    def run_status(self, run_id: int) -> str:
-        """Flower's status of the run: pending, starting, running, finished:<sub-status>."""
+    def _control_client(self):
+        """An HTTP client of the SuperLink's Control API (as `flwr` uses it)."""
         from flwr.cli.typing import SuperLinkConnection
         from flwr.cli.utils import init_http_client_from_connection
-        from flwr.common.serde import run_from_proto
-        from flwr.proto.control_pb2 import ListRunsRequest
 
         os.environ["FLWR_HOME"] = str(self.opts.flwr_home)  # Flower's CLI helpers read it
         conn = SuperLinkConnection(
@@ -367,7 +458,14 @@ class Coordinator:
             insecure=self.opts.insecure,
         )
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using SuperLink: ..."
-            client = init_http_client_from_connection(conn)
+            return init_http_client_from_connection(conn)
+
+    def run_status(self, run_id: int) -> str:
+        """Flower's status of the run: pending, starting, running, finished:<sub-status>."""
+        from flwr.common.serde import run_from_proto
+        from flwr.proto.control_pb2 import ListRunsRequest
+
+        client = self._control_client()
         try:
             res = client.ListRuns(ListRunsRequest(run_id=run_id))
         finally:
@@ -380,7 +478,20 @@ class Coordinator:
                on_round: Callable[[dict], None], poll_s: float = 3.0) -> str:
         """Wait for the run to finish; call `on_round` for each new metrics record."""
         metrics_path = prepared.run_dir / "metrics.jsonl"
-        seen = 0
+        # Lines already shown (a resumed run's file holds earlier rounds, and is rewritten once
+        # when the ServerApp drops an interrupted round's line): shown once, by content.
+        seen: set[str] = set()
+        if prepared.resume and metrics_path.exists():
+            seen = set(metrics_path.read_text().splitlines())
+
+        def show_new() -> None:
+            if not metrics_path.exists():
+                return
+            for line in metrics_path.read_text().splitlines():
+                if line.strip() and line not in seen and line.endswith("}"):
+                    seen.add(line)
+                    on_round(json.loads(line))
+
         started = time.monotonic()
         status = "pending"
         while True:
@@ -389,20 +500,13 @@ class Coordinator:
                     f"the SuperLink exited with code {self.superlink.returncode}; "
                     f"see {self.opts.log_path}"
                 )
-            if metrics_path.exists():
-                lines = [x for x in metrics_path.read_text().splitlines() if x.strip()]
-                for line in lines[seen:]:
-                    on_round(json.loads(line))
-                seen = len(lines)
+            show_new()
             try:
                 status = self.run_status(run_id)
             except Exception as e:  # noqa: BLE001 - a transient Control API error: retry
                 status = f"unknown ({e})"
             if status.startswith("finished"):
-                if metrics_path.exists():  # the last round's record
-                    lines = [x for x in metrics_path.read_text().splitlines() if x.strip()]
-                    for line in lines[seen:]:
-                        on_round(json.loads(line))
+                show_new()  # the last round's record
                 return status
             if self.opts.run_timeout_s and time.monotonic() - started > self.opts.run_timeout_s:
                 self.flwr("stop", str(run_id), CONNECTION)

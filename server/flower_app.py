@@ -17,6 +17,7 @@ from common.config import RunConfig
 
 RUN_CONFIG_KEY = "fedtune-config"
 RUN_NAME_KEY = "fedtune-run-name"
+RESUME_KEY = "fedtune-resume"  # true: continue the run after its last completed round
 
 app = ServerApp()
 
@@ -34,4 +35,5 @@ def main(grid: Grid, context: Context) -> None:
     cfg = RunConfig.model_validate_json(str(context.run_config[RUN_CONFIG_KEY]))
     run_name = str(context.run_config[RUN_NAME_KEY])
     run_dir, eval_path = run_paths(cfg, run_name)
-    build_server_app(cfg, run_dir, run_name, eval_path)(grid, context)
+    resume = bool(context.run_config.get(RESUME_KEY, False))
+    build_server_app(cfg, run_dir, run_name, eval_path, resume=resume)(grid, context)

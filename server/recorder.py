@@ -59,6 +59,8 @@ class RunRecorder:
         self.adapter_dir = self.run_dir / "adapter"
         self._site_metrics: dict[int, list[dict]] = {}
         self._round_started: dict[int, float] = {}
+        self._central_dp: dict[int, dict] = {}
+        self._aggregation: dict[int, dict] = {}
 
     def fit_config(self, server_round: int, *, num_rounds: int, local_steps: int) -> dict:
         """Sent to every sampled site with the global adapter (Flower's on_fit_config_fn)."""
@@ -87,6 +89,14 @@ class RunRecorder:
         save_adapter(self.rt.model, self.run_dir / "checkpoints" / f"round-{server_round:04d}")
         save_adapter(self.rt.model, self.adapter_dir)
 
+    def record_aggregation(self, server_round: int, info: dict) -> None:
+        """Aggregation time and bytes received from the sites (written with the round)."""
+        self._aggregation[server_round] = info
+
+    def record_central_dp(self, server_round: int, info: dict) -> None:
+        """Site-level DP accountant after a released aggregate (written with the round)."""
+        self._central_dp[server_round] = info
+
     def evaluate(
         self, server_round: int, adapter: NDArrays, config: dict
     ) -> tuple[float, dict[str, Scalar]]:
@@ -112,6 +122,10 @@ class RunRecorder:
                 if server_round in self._round_started else None
             ),
             "adapter_norm": float(np.sqrt(sum(float(np.sum(a * a)) for a in adapter))),
+            **({"central_dp": self._central_dp.pop(server_round)}
+               if server_round in self._central_dp else {}),
+            **({"aggregation": self._aggregation.pop(server_round)}
+               if server_round in self._aggregation else {}),
             "time": time.time(),
         }
         append_jsonl(self.metrics_path, record)

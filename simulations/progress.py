@@ -89,6 +89,10 @@ def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabl
             f"{s['noise_multiplier']:.3f}" if "noise_multiplier" in s else "-",
         )
     console.print(sites)
+    central = next((m["central_dp"] for m in reversed(rounds) if m.get("central_dp")), None)
+    if central:
+        console.print(f"site-level (central DP, {central['side']}-side {central['clipping']} "
+                      f"clipping): ε = {central['epsilon_rdp']:.3f} at δ = {central['delta']:g}")
     first, final = metrics[0]["eval"], metrics[-1]["eval"]
     main_key = "accuracy" if "accuracy" in final else "perplexity"
     console.print(
@@ -98,3 +102,5 @@ def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabl
     adapter = Path(run_dir) / "adapter"
     console.print(f"final adapter (PEFT format): [bold]{adapter}[/bold]")
     console.print(f"per-round metrics: {Path(run_dir) / 'metrics.jsonl'}")
+    if dp_enabled:
+        console.print(f"privacy report: fedtune report {run_dir}")

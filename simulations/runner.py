@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,12 @@ import numpy as np
 import torch
 
 from client.app import SiteSpec, build_client_app
+from client.budget import BudgetPlan, plan_run
 from common.config import RunConfig, config_to_toml
 from common.data import DataError, Record, read_label_set, read_records, write_jsonl
 from common.demo_data import classification_demo, instruction_demo
+from common.input_checks import check_file_records, check_task_records, warn_long_records
 from common.models import ensure_cached
-from common.privacy import check_delta
 from common.tasks import resolve_task
 from server.app import build_server_app
 from server.recorder import RoundListener
@@ -57,13 +59,22 @@ def _load_source(cfg: RunConfig, task: str) -> list[Record]:
 
 
 def _split_eval(cfg: RunConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
-    if cfg.data.eval:
-        return records, read_records(cfg.data.eval)[: cfg.data.max_eval_records]
+    """(training records, held-out records for the server), both in file order."""
     rng = np.random.default_rng(cfg.data.seed + 1)
+    if cfg.data.eval:
+        held = read_records(cfg.data.eval)
+        return records, _sample(held, cfg.data.max_eval_records, rng)
     perm = rng.permutation(len(records))
     n_eval = max(1, int(len(records) * cfg.data.eval_fraction))
-    held = [records[i] for i in sorted(perm[:n_eval])][: cfg.data.max_eval_records]
+    held = _sample([records[i] for i in sorted(perm[:n_eval])], cfg.data.max_eval_records, rng)
     return [records[i] for i in sorted(perm[n_eval:])], held
+
+
+def _sample(records: list[Record], n: int, rng: np.random.Generator) -> list[Record]:
+    """A uniform subset: the first n of a file sorted by label would hold only a few labels."""
+    if len(records) <= n:
+        return records
+    return [records[i] for i in sorted(rng.choice(len(records), n, replace=False))]
 
 
 def _partition(cfg: RunConfig, records: list[Record]) -> tuple[list[np.ndarray], list[str] | None]:
@@ -93,24 +104,39 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
             f"run directory {run_dir} already exists; choose another output.run_name"
         )
     records = _load_source(cfg, task)
+    check_file_records(records)  # every problem names file:line:key, before anything is written
     train, held = _split_eval(cfg, records)
     if task == "classification" and not cfg.data.labels:
         labels = read_label_set(records, cfg.data.label_column)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
+    check_task_records([*records, *held], cfg, task, cfg.data.labels)
+    warn_long_records(records, cfg, task)
     parts, groups = _partition(cfg, train)
     rng = np.random.default_rng(cfg.data.seed + 2)
     sites = []
-    for k, idx in enumerate(parts):
-        if cfg.data.max_records_per_site and len(idx) > cfg.data.max_records_per_site:
-            idx = np.sort(rng.choice(idx, cfg.data.max_records_per_site, replace=False))
-        if cfg.dp.enabled:
-            check_delta(cfg.dp.delta, len(idx), where=f"site-{k} ({len(idx)} records): ")
-        site_dir = run_dir / "sites" / f"site-{k}"
-        write_jsonl(site_dir / "data" / "train.jsonl", [train[i].fields for i in idx])
-        sites.append(SiteSpec(f"site-{k}", site_dir / "data" / "train.jsonl", site_dir / "state"))
-    eval_path = run_dir / "eval.jsonl"
-    write_jsonl(eval_path, [r.fields for r in held])
-    (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    planned: dict[int, BudgetPlan] = {}  # by record count: sites of equal size plan alike
+    created = not run_dir.exists()
+    try:  # a run refused half-way (a site too small for its delta) leaves no run directory
+        for k, idx in enumerate(parts):
+            if cfg.data.max_records_per_site and len(idx) > cfg.data.max_records_per_site:
+                idx = np.sort(rng.choice(idx, cfg.data.max_records_per_site, replace=False))
+            if cfg.dp.enabled and len(idx) not in planned:  # refuse a run that cannot fit
+                planned[len(idx)] = plan_run(
+                    cfg.dp, records=len(idx), batch_size=cfg.train.batch_size,
+                    rounds=cfg.federation.rounds, local_steps=cfg.train.local_steps,
+                    where=f"site-{k} ({len(idx)} records): ",
+                )
+            site_dir = run_dir / "sites" / f"site-{k}"
+            write_jsonl(site_dir / "data" / "train.jsonl", [train[i].fields for i in idx])
+            sites.append(SiteSpec(f"site-{k}", site_dir / "data" / "train.jsonl",
+                                  site_dir / "state"))
+        eval_path = run_dir / "eval.jsonl"
+        write_jsonl(eval_path, [r.fields for r in held])
+        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return PreparedRun(cfg, run_id, run_dir, eval_path, sites, groups)
 
 
@@ -130,7 +156,8 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
 
     server_app = build_server_app(cfg, prepared.run_dir, prepared.run_id, prepared.eval_path,
                                   listener)
-    client_app = build_client_app(cfg, resolve_site, secagg=cfg.federation.secagg)
+    client_app = build_client_app(cfg, resolve_site, secagg=cfg.federation.secagg,
+                                  parallel_sites=parallel)
     gpus = 1.0 / parallel if torch.cuda.is_available() else 0.0
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": gpus},

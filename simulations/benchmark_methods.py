@@ -1,0 +1,685 @@
+"""Utility vs privacy of the federated LoRA methods on real data (issue 5).
+
+    python -m simulations.benchmark_methods          # full benchmark (~45 min, 2 busy cores)
+    python -m simulations.benchmark_methods --quick  # CI smoke run, a few minutes
+
+Banking77 (PolyAI, CC BY 4.0), 77-intent classification with all-MiniLM-L6-v2 + LoRA, 10 banks
+split by Dirichlet(alpha=0.5) label skew:
+  centralized non-DP / DP (all banks' records pooled, same number of example-gradients as the
+  whole federation), local-only (each bank alone, its test metrics averaged over banks), and
+  federated (Flower simulation) non-DP and DP at several epsilons for FedAvg and FFA-LoRA.
+MedQuAD (Ben Abacha & Demner-Fushman 2019, CC BY 4.0), SmolLM2-135M-Instruct instruction tuning,
+one site per NIH `source`: held-out answer loss / perplexity of the base model, local-only,
+federated non-DP and federated DP (epsilon 8).
+
+Every run goes through the library: `simulations.runner.prepare_run` / `run_prepared` for the
+federations (Flower + Ray, real DP-SGD sites with ledgers), `client.trainer.train_local` and
+`common.tasks.evaluate` for the centralized and local-only baselines. The sizes below are what
+two shared CPU cores allow; `results/<name>.md` states them next to the numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from common.config import RunConfig, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATASETS = Path(os.environ.get("FEDTUNE_DATASETS", REPO.parent / "shared" / "datasets"))
+MINILM = "all-minilm-l6-v2"
+SMOLLM = "smollm2-135m-instruct"
+# LoRA on the top two encoder layers (attention query/value) and the pooler; the classifier
+# head is trained in full (PEFT modules_to_save). Backpropagation stops at layer 4: a fraction of
+# the cost of LoRA everywhere on a CPU, and fewer coordinates for the DP noise.
+MINILM_TARGETS = [f"layer.{i}.attention.self.{m}" for i in (4, 5) for m in ("query", "value")]
+MINILM_TARGETS.append("pooler.dense")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything that makes a benchmark big or small."""
+
+    # Banking77
+    banks: int
+    rounds: int
+    local_steps: int
+    batch_size: int
+    lr: float
+    max_records_per_bank: int | None
+    test_records: int  # stratified-random subset of test.csv used for every final number
+    round_eval_records: int  # monitoring during federated runs (first N of that subset)
+    epsilons: tuple[float, ...]
+    methods: tuple[str, ...]
+    central_dp_epsilons: tuple[float, ...]
+    local_dp_epsilons: tuple[float, ...]
+    # MedQuAD
+    med_sites: int
+    med_rounds: int
+    med_local_steps: int
+    med_batch_size: int
+    med_lr: float
+    med_max_length: int
+    med_records_per_site: int
+    med_eval_records: int
+    med_epsilon: float
+
+
+FULL = Scale(
+    banks=10, rounds=4, local_steps=3, batch_size=32, lr=1e-2, max_records_per_bank=None,
+    test_records=300, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
+    methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
+    med_sites=3, med_rounds=2, med_local_steps=3, med_batch_size=4, med_lr=5e-3,
+    med_max_length=64, med_records_per_site=32, med_eval_records=32, med_epsilon=8.0,
+)
+QUICK = Scale(
+    banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, max_records_per_bank=40,
+    test_records=50, round_eval_records=20, epsilons=(8.0,), methods=("fedavg", "ffa_lora"),
+    central_dp_epsilons=(8.0,), local_dp_epsilons=(),
+    med_sites=2, med_rounds=1, med_local_steps=1, med_batch_size=2, med_lr=5e-3,
+    med_max_length=32, med_records_per_site=8, med_eval_records=4, med_epsilon=8.0,
+)
+
+
+@dataclass
+class Result:
+    dataset: str
+    setting: str  # centralized / local-only / federated / base model
+    method: str
+    target_epsilon: float | None  # None: no DP
+    metrics: dict[str, float]
+    wall_s: float
+    epsilon_spent: float | None = None  # max over sites (federated) / the one model (central)
+    note: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def machine() -> dict[str, str | int]:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import flwr
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "python": platform.python_version(),
+            "torch": torch.__version__, "flwr": flwr.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
+
+
+class RoundBar:
+    """RoundListener that advances a rich progress task by one per aggregated round."""
+
+    def __init__(self, progress: Progress, task: int, label: str) -> None:
+        self.progress, self.task, self.label = progress, task, label
+
+    def round_started(self, server_round: int) -> None:
+        self.progress.update(self.task, description=f"{self.label}: round {server_round}")
+
+    def round_finished(self, record: dict) -> None:
+        if record["round"] > 0:
+            self.progress.advance(self.task)
+
+
+def _stratified_subset(records: list, key: str, n: int, seed: int) -> list:
+    """n records, every class represented in proportion (largest remainders), fixed seed."""
+    if n >= len(records):
+        return list(records)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(records))
+    by_class: dict[str, list[int]] = {}
+    for i in perm:
+        by_class.setdefault(str(records[i].fields[key]), []).append(int(i))
+    quota = {c: n * len(ix) / len(records) for c, ix in by_class.items()}
+    take = {c: int(q) for c, q in quota.items()}
+    rest = sorted(quota, key=lambda c: quota[c] - take[c], reverse=True)
+    for c in rest[: n - sum(take.values())]:
+        take[c] += 1
+    chosen = sorted(i for c, ix in by_class.items() for i in ix[: take[c]])
+    shuffled = rng.permutation(chosen)  # so that "first N" (round monitoring) is a fair sample
+    return [records[int(i)] for i in shuffled]
+
+
+# ---------------------------------------------------------------------------- runners
+
+
+class Bench:
+    def __init__(self, scale: Scale, work: Path, seed: int, console: Console,
+                 progress: Progress, runs: int, on_result=None) -> None:
+        self.s, self.work, self.seed = scale, work, seed
+        self.on_result = on_result  # e.g. rewrite the report: a crash later keeps what was done
+        self.console, self.progress = console, progress
+        self.results: list[Result] = []
+        self.overall = progress.add_task("all runs", total=runs)
+        self.sub = progress.add_task("", total=1, visible=False)
+        self._initial: dict[int, list[np.ndarray]] = {}
+
+    def _start(self, label: str, total: int) -> None:
+        self.progress.reset(self.sub, total=total, description=label, visible=True)
+
+    def _done(self, result: Result) -> None:
+        self.results.append(result)
+        if self.on_result is not None:
+            self.on_result(self.results)
+        self.progress.advance(self.overall)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+        eps = "no DP" if result.target_epsilon is None else f"ε={result.target_epsilon:g}"
+        self.console.log(f"{result.dataset} | {result.setting} {result.method} ({eps}): "
+                         f"{shown} [{result.wall_s:.0f} s]")
+
+    # -- model-side helpers (in this process)
+
+    def runtime(self, cfg: RunConfig):
+        from common.runtime import get_runtime
+        from common.tasks import num_labels, resolve_task
+
+        task = resolve_task(cfg)
+        return get_runtime(cfg, task, num_labels(cfg, task))
+
+    def reset(self, rt) -> None:
+        """Put the adapter back to the one this process started from (same for every run)."""
+        from common.lora import get_adapter, set_adapter
+
+        key = id(rt)
+        if key not in self._initial:
+            self._initial[key] = get_adapter(rt.model)
+        set_adapter(rt.model, self._initial[key])
+
+    def encode(self, cfg: RunConfig, rt, paths: list[Path]):
+        from common.data import read_records
+        from common.tasks import encode_records
+
+        records = [r for p in paths for r in read_records(p)]
+        return encode_records(records, rt.tokenizer, cfg, rt.task, cfg.data.labels)
+
+    def evaluate(self, rt, data) -> dict[str, float]:
+        from common.tasks import evaluate
+
+        return evaluate(rt.model, data, rt.task, rt.pad_id, rt.device, batch_size=32)
+
+    def train_alone(self, cfg: RunConfig, rt, data, steps: int, eps: float | None,
+                    seed: int) -> float | None:
+        """One model on one dataset (a bank alone, or everything pooled): DP-SGD or plain."""
+        from client.trainer import poisson_sample_rate, train_local
+        from common.privacy import calibrate_noise, check_delta, epsilon
+
+        self.reset(rt)
+        sigma, spent = 0.0, None
+        dp = cfg.dp.model_copy(update={"enabled": eps is not None, "target_epsilon": eps})
+        if eps is not None:
+            check_delta(dp.delta, len(data))
+            q = poisson_sample_rate(len(data), cfg.train.batch_size)
+            sigma = calibrate_noise(eps, dp.delta, q, steps, dp.accountant)
+            spent = epsilon([(sigma, q, steps)], dp.delta, dp.accountant)
+        train_local(rt.model, data, task=rt.task, pad_id=rt.pad_id, device=rt.device,
+                    train=cfg.train, dp=dp, noise_multiplier=sigma, steps=steps, seed=seed)
+        return spent
+
+    # -- the three kinds of run
+
+    def federated(self, cfg: RunConfig, name: str, dataset: str, method: str,
+                  eps: float | None, final_eval=None) -> Result:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        from simulations.runner import prepare_run, run_prepared
+
+        cfg = _with(cfg, f"output.run_name={name}", f"federation.strategy={method}",
+                    *(["dp.enabled=false"] if eps is None else
+                      ["dp.enabled=true", f"dp.target_epsilon={eps}"]))
+        label = f"{dataset}: federated {method} " + ("no DP" if eps is None else f"ε={eps:g}")
+        self._start(label, cfg.federation.rounds)
+        t0 = time.time()
+        prepared = prepare_run(cfg)
+        # The ServerApp runs in this process and takes its initial adapter from the cached
+        # runtime, which earlier runs trained or loaded: start every run from the same init.
+        self.reset(self.runtime(prepared.cfg))
+        records = run_prepared(prepared, listener=RoundBar(self.progress, self.sub, label))
+        if not records or records[-1]["round"] != cfg.federation.rounds:
+            raise RuntimeError(f"{label}: the run stopped early; see {prepared.run_dir}")
+        last = records[-1]
+        metrics = dict(last["eval"])
+        if final_eval is not None:  # the final global adapter on the full test subset
+            rt = self.runtime(prepared.cfg)
+            missing = set_peft_model_state_dict(
+                rt.model, load_file(str(prepared.run_dir / "adapter" / "adapter_model.safetensors"))
+            )
+            if missing.unexpected_keys:
+                raise RuntimeError(f"adapter does not fit the model: {missing.unexpected_keys}")
+            metrics = self.evaluate(rt, final_eval)
+        eps_spent = [s["epsilon"] for m in records[1:] for s in m["sites"] if "epsilon" in s]
+        result = Result(dataset, "federated", method, eps, metrics, time.time() - t0,
+                        max(eps_spent) if eps_spent else None,
+                        extra={"run_dir": str(prepared.run_dir),
+                               "rounds": [{"round": m["round"], **m["eval"]} for m in records]})
+        self._done(result)
+        return result
+
+    # ------------------------------------------------------------------------ Banking77
+
+    def banking77(self, root: Path) -> None:
+        from common.data import read_records, write_jsonl
+        from simulations.runner import prepare_run
+
+        s = self.s
+        test = read_records(root / "test.csv")
+        subset = _stratified_subset(test, "category", s.test_records, self.seed)
+        eval_path = self.work / "banking77_test_subset.jsonl"
+        write_jsonl(eval_path, [r.fields for r in subset])
+        cfg = load_config(None, [
+            f"model.name={MINILM}", "task.kind=classification", "model.max_length=24",
+            "lora.r=4", "lora.alpha=8", f"lora.target_modules={json.dumps(MINILM_TARGETS)}",
+            f"data.train={root / 'train.csv'}", f"data.eval={eval_path}",
+            f"data.max_eval_records={s.round_eval_records}", "data.text_column=text",
+            "data.label_column=category", "data.partition=dirichlet", "data.dirichlet_alpha=0.5",
+            f"data.seed={self.seed}", f"seed={self.seed}", f"federation.num_sites={s.banks}",
+            f"federation.rounds={s.rounds}", f"train.local_steps={s.local_steps}",
+            f"train.batch_size={s.batch_size}", f"train.lr={s.lr}", "train.optimizer=adamw",
+            "dp.delta=1e-5", "dp.max_grad_norm=1.0", "federation.parallel_sites=0",
+            f"output.dir={self.work / 'banking77'}",
+            *([f"data.max_records_per_site={s.max_records_per_bank}"]
+              if s.max_records_per_bank else []),
+        ])
+        # The banks (same split as every federated run below: same data seed).
+        part = prepare_run(_with(cfg, "output.run_name=partition", "dp.enabled=false"))
+        cfg = part.cfg  # with the 77 labels filled in
+        rt = self.runtime(cfg)
+        test_data = self.encode(cfg, rt, [eval_path])
+        bank_files = [site.data_path for site in part.sites]
+        sizes = [sum(1 for _ in open(p, encoding="utf-8")) for p in bank_files]
+        self.console.log(f"Banking77: {len(bank_files)} banks, records {sizes}; test subset "
+                         f"{len(test_data)} of {len(test)}")
+        steps = s.rounds * s.local_steps  # per bank; the federation does banks x steps
+        t0 = time.time()
+        self.reset(rt)
+        self._done(Result("banking77", "base model", "untrained LoRA + random head", None,
+                          self.evaluate(rt, test_data), time.time() - t0))
+
+        pooled = self.encode(cfg, rt, bank_files)
+        for eps in (None, *s.central_dp_epsilons):
+            label = "centralized " + ("no DP" if eps is None else f"DP ε={eps:g}")
+            self._start(f"banking77: {label}", 1)
+            t0 = time.time()
+            spent = self.train_alone(cfg, rt, pooled, steps * len(bank_files), eps, self.seed)
+            self.progress.advance(self.sub)
+            self._done(Result("banking77", "centralized", "pooled data", eps,
+                              self.evaluate(rt, test_data), time.time() - t0, spent,
+                              note=f"{steps * len(bank_files)} steps"))
+
+        for eps in (None, *s.local_dp_epsilons):
+            label = "local-only " + ("no DP" if eps is None else f"DP ε={eps:g}")
+            self._start(f"banking77: {label}", len(bank_files))
+            t0 = time.time()
+            per_bank, spent = [], []
+            for k, path in enumerate(bank_files):
+                data = self.encode(cfg, rt, [path])
+                e = self.train_alone(cfg, rt, data, steps, eps, self.seed + k)
+                per_bank.append(self.evaluate(rt, test_data))
+                spent.append(e)
+                self.progress.advance(self.sub)
+            mean = {k: float(np.mean([m[k] for m in per_bank])) for k in per_bank[0]}
+            self._done(Result("banking77", "local-only", "each bank alone (mean)", eps, mean,
+                              time.time() - t0, max(spent) if eps is not None else None,
+                              note=f"{steps} steps per bank; best bank accuracy "
+                                   f"{max(m['accuracy'] for m in per_bank):.4f}",
+                              extra={"per_bank": per_bank}))
+
+        for method in s.methods:
+            for eps in (None, *s.epsilons):
+                tag = "nodp" if eps is None else f"eps{eps:g}"
+                self.federated(cfg, f"{method}-{tag}", "banking77", method, eps, test_data)
+
+    # ------------------------------------------------------------------------ MedQuAD
+
+    def medquad(self, path: Path) -> None:
+        from collections import Counter
+
+        from common.data import read_records, write_jsonl
+
+        s = self.s
+        records = read_records(path)
+        counts = Counter(str(r.fields["source"]) for r in records)
+        sources = [g for g, _ in sorted(counts.items(), key=lambda x: (-x[1], x[0]))][: s.med_sites]
+        rng = np.random.default_rng(self.seed)
+        chosen = [r for r in records if r.fields["source"] in sources]
+        perm = rng.permutation(len(chosen))
+        held = [chosen[i] for i in perm[: s.med_eval_records]]
+        # Each site keeps a random med_records_per_site of its own records (prepare_run caps).
+        train = [chosen[i] for i in sorted(perm[s.med_eval_records:])]
+        train_path, eval_path = self.work / "medquad_train.jsonl", self.work / "medquad_eval.jsonl"
+        write_jsonl(train_path, [r.fields for r in train])
+        write_jsonl(eval_path, [r.fields for r in held])
+        cfg = load_config(None, [
+            f"model.name={SMOLLM}", "task.kind=causal_lm", f"model.max_length={s.med_max_length}",
+            "lora.r=8", "lora.alpha=16", f"data.train={train_path}", f"data.eval={eval_path}",
+            f"data.max_eval_records={s.med_eval_records}", "data.input_key=question",
+            "data.output_key=answer", "data.partition=column", "data.partition_column=source",
+            f"data.max_records_per_site={s.med_records_per_site}", f"data.seed={self.seed}",
+            f"seed={self.seed}", f"federation.num_sites={s.med_sites}",
+            f"federation.rounds={s.med_rounds}", f"train.local_steps={s.med_local_steps}",
+            f"train.batch_size={s.med_batch_size}", f"train.lr={s.med_lr}", "dp.delta=1e-5",
+            "federation.parallel_sites=0", f"output.dir={self.work / 'medquad'}",
+        ])
+        from simulations.runner import prepare_run
+
+        part = prepare_run(_with(cfg, "output.run_name=partition", "dp.enabled=false"))
+        rt = self.runtime(cfg)
+        eval_data = self.encode(cfg, rt, [eval_path])
+        self.console.log(f"MedQuAD: sites {part.groups}, {s.med_records_per_site} records each, "
+                         f"held-out {len(eval_data)} answers")
+        t0 = time.time()
+        self.reset(rt)
+        self._done(Result("medquad", "base model", SMOLLM, None, self.evaluate(rt, eval_data),
+                          time.time() - t0))
+        steps = s.med_rounds * s.med_local_steps
+        self._start("medquad: local-only", len(part.sites))
+        t0 = time.time()
+        per_site = []
+        for k, site in enumerate(part.sites):
+            self.train_alone(cfg, rt, self.encode(cfg, rt, [site.data_path]), steps, None,
+                             self.seed + k)
+            per_site.append(self.evaluate(rt, eval_data))
+            self.progress.advance(self.sub)
+        mean_loss = float(np.mean([m["loss"] for m in per_site]))
+        self._done(Result("medquad", "local-only", "each site alone (mean)", None,
+                          {"loss": mean_loss,
+                           "perplexity": float(np.mean([m["perplexity"] for m in per_site]))},
+                          time.time() - t0, extra={"per_site": per_site}))
+        self.federated(cfg, "fedavg-nodp", "medquad", "fedavg", None)
+        self.federated(cfg, f"fedavg-eps{s.med_epsilon:g}", "medquad", "fedavg", s.med_epsilon)
+
+
+def _override(scale: Scale, items: list[str]) -> Scale:
+    """Scale with `field=value` overrides (tuples as comma lists, "none" for None)."""
+    updates: dict[str, object] = {}
+    for item in items:
+        key, _, raw = item.partition("=")
+        if key not in Scale.__dataclass_fields__:
+            raise typer.BadParameter(f"--scale {item}: unknown field; one of "
+                                     f"{', '.join(Scale.__dataclass_fields__)}")
+        current = getattr(scale, key)
+        if isinstance(current, tuple):
+            value: object = tuple(x for x in raw.split(",") if x)
+            if key != "methods":
+                value = tuple(float(x) for x in value)  # type: ignore[union-attr]
+        elif raw.lower() == "none":
+            value = None
+        elif isinstance(current, float):
+            value = float(raw)
+        else:
+            value = int(raw) if key != "methods" else raw
+        updates[key] = value
+    return replace(scale, **updates)
+
+
+def _with(cfg: RunConfig, *overrides: str) -> RunConfig:
+    from common.config import apply_overrides
+
+    data = cfg.model_dump(mode="json", exclude_none=True)
+    return RunConfig.model_validate(apply_overrides(data, list(overrides)))
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def _eps(e: float | None) -> str:
+    return "no DP" if e is None else f"{e:g}"
+
+
+def _fmt(v: float | None, digits: int = 4) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def checks(results: list[Result]) -> list[str]:
+    """The issue's targets, computed from the measured numbers."""
+    bank = [r for r in results if r.dataset == "banking77"]
+    central = next((r for r in bank if r.setting == "centralized" and r.target_epsilon is None),
+                   None)
+    local = next((r for r in bank if r.setting == "local-only" and r.target_epsilon is None), None)
+    lines = []
+    for r in bank:
+        if r.setting != "federated" or central is None:
+            continue
+        ratio = r.metrics["accuracy"] / central.metrics["accuracy"]
+        eps = "no DP" if r.target_epsilon is None else f"ε={r.target_epsilon:g}"
+        verdict = "meets" if ratio >= 0.9 else "misses"
+        line = (f"- {r.method} {eps}: accuracy {r.metrics['accuracy']:.4f} = {ratio:.1%} of "
+                f"centralized non-DP ({central.metrics['accuracy']:.4f})")
+        if r.target_epsilon == 8.0:
+            line += f" — {verdict} the ≥ 90% target"
+        if local is not None:
+            better = r.metrics["accuracy"] > local.metrics["accuracy"]
+            line += (f"; {'beats' if better else 'does not beat'} local-only non-DP "
+                     f"({local.metrics['accuracy']:.4f})")
+        lines.append(line)
+    med = {(r.setting, r.target_epsilon): r for r in results if r.dataset == "medquad"}
+    loc = med.get(("local-only", None))
+    for key in (("federated", None), ("federated", 8.0)):
+        if key in med and loc is not None:
+            fed = med[key]
+            eps = "no DP" if key[1] is None else f"ε={key[1]:g}"
+            word = "lower" if fed.metrics["loss"] < loc.metrics["loss"] else "not lower"
+            lines.append(f"- MedQuAD federated {eps}: held-out answer loss "
+                         f"{fed.metrics['loss']:.4f}, {word} than local-only "
+                         f"({loc.metrics['loss']:.4f})")
+    return lines
+
+
+def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed: int,
+                 wall: float, info: dict, command: str, quick: bool) -> tuple[Path, Path | None]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({
+        "command": command, "seed": seed, "machine": info, "wall_s": wall, "quick": quick,
+        "scale": asdict(scale), "results": [asdict(r) for r in results]}, indent=1))
+    plot = plot_banking77(results, out / f"{name}_banking77.png")
+    lines = [
+        f"# fedtune benchmark: federated LoRA methods vs privacy{' (quick mode)' if quick else ''}",
+        "",
+        f"- command: `{command}`",
+        f"- seed: {seed}",
+        f"- machine: {info['cpu']}, {info['cores']} cores (shared with other jobs), GPU "
+        f"{info['gpu']}; Python {info['python']}, torch {info['torch']}, Flower {info['flwr']}",
+        f"- wall time: {wall / 60:.1f} min in all; per run in the tables",
+        f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        "",
+        "## Banking77: 77-intent classification, all-MiniLM-L6-v2 + LoRA",
+        "",
+        f"{scale.banks} banks by Dirichlet(α=0.5) label skew over train.csv"
+        + (f" (at most {scale.max_records_per_bank} records a bank)"
+           if scale.max_records_per_bank else " (all 10,003 records)")
+        + f"; test: a stratified random {scale.test_records} of the 3,080 test.csv queries, the "
+        f"same for every row. Queries cut to 24 tokens. LoRA r=4 (α=8) on query/value of "
+        f"encoder layers 4-5 and the pooler, "
+        f"classifier head trained; AdamW lr {scale.lr}, batch {scale.batch_size} (expected, "
+        f"Poisson with DP), {scale.rounds} rounds x {scale.local_steps} local steps. "
+        f"Centralized = the banks' records pooled, trained for banks x rounds x local steps "
+        f"steps (the federation's example-gradients); local-only = each bank alone for rounds x "
+        f"local steps, its accuracy on the shared test set averaged over banks. DP: "
+        f"sample-level (ε, δ=1e-5) per site, RDP accountant, clipping norm 1, noise calibrated "
+        f"to the whole run; 'ε spent' is what the ledgers recorded (max over sites).",
+        "",
+        "| setting | method | target ε | ε spent | accuracy | macro-F1 | loss | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.dataset != "banking77":
+            continue
+        lines.append(
+            f"| {r.setting} | {r.method} | {_eps(r.target_epsilon)}"
+            f" | {_fmt(r.epsilon_spent, 2)} | {_fmt(r.metrics.get('accuracy'))} | "
+            f"{_fmt(r.metrics.get('macro_f1'))} | {_fmt(r.metrics.get('loss'))} | {r.wall_s:.0f} |"
+        )
+    if plot:
+        lines += ["", f"![accuracy vs epsilon]({plot.name})"]
+    lines += [
+        "", "## MedQuAD: instruction tuning, SmolLM2-135M-Instruct + LoRA", "",
+        f"Sites = the {scale.med_sites} largest NIH `source`s, {scale.med_records_per_site} "
+        f"random records each; held-out: {scale.med_eval_records} random answers of those "
+        f"sources (never trained on); prompt+answer cut to {scale.med_max_length} tokens (the "
+        f"answer keeps at least half); LoRA r=8 on q/v (PEFT default); AdamW lr {scale.med_lr}, "
+        f"batch {scale.med_batch_size}, {scale.med_rounds} rounds x {scale.med_local_steps} "
+        f"local steps; loss = mean token cross-entropy on the answer tokens only.",
+        "",
+        "| setting | method | target ε | ε spent | answer loss | perplexity | wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.dataset != "medquad":
+            continue
+        lines.append(
+            f"| {r.setting} | {r.method} | {_eps(r.target_epsilon)}"
+            f" | {_fmt(r.epsilon_spent, 2)} | {_fmt(r.metrics.get('loss'))} | "
+            f"{_fmt(r.metrics.get('perplexity'), 2)} | {r.wall_s:.0f} |"
+        )
+    lines += ["", "## Targets (computed from the numbers above)", "", *checks(results), "",
+              "## What was cut for two CPU cores", "",
+              "- Banking77: one seed; " + (f"{scale.rounds} rounds x {scale.local_steps} local "
+              "steps (about "
+              f"{scale.rounds * scale.local_steps * scale.batch_size / 1000:.1f}k examples per "
+              "bank); LoRA on the top two layers only; a test subset, not all 3,080; no "
+              "local-only DP row (local-only non-DP is the stronger baseline)."),
+              f"- MedQuAD: {scale.med_sites} of nine sources, {scale.med_records_per_site} records "
+              f"each, {scale.med_max_length}-token windows, a few "
+              "optimizer steps: the numbers show the direction, not converged quality.",
+              ""]
+    md = out / f"{name}.md"
+    md.write_text("\n".join(lines))
+    return md, plot
+
+
+def plot_banking77(results: list[Result], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bank = [r for r in results if r.dataset == "banking77"]
+    fed = [r for r in bank if r.setting == "federated"]
+    if not fed:
+        return None
+    dp_eps = sorted({r.target_epsilon for r in bank if r.target_epsilon is not None})
+    inf_x = (max(dp_eps) * 3) if dp_eps else 1.0  # where "no DP" sits on the axis
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in sorted({r.method for r in fed}):
+        rows = sorted((r for r in fed if r.method == method),
+                      key=lambda r: math.inf if r.target_epsilon is None else r.target_epsilon)
+        xs = [inf_x if r.target_epsilon is None else r.target_epsilon for r in rows]
+        ax.plot(xs, [r.metrics["accuracy"] for r in rows], marker="o",
+                label=f"federated {method}")
+    styles = {("centralized", None): ("k", "--"), ("local-only", None): ("tab:red", ":")}
+    for r in bank:
+        key = (r.setting, r.target_epsilon)
+        if key in styles:
+            color, ls = styles[key]
+            ax.axhline(r.metrics["accuracy"], color=color, ls=ls, label=f"{r.setting}, no DP")
+        elif r.setting in ("centralized", "local-only") and r.target_epsilon is not None:
+            ax.plot([r.target_epsilon], [r.metrics["accuracy"]], marker="s", ls="none",
+                    color="k" if r.setting == "centralized" else "tab:red",
+                    label=f"{r.setting}, DP ε={r.target_epsilon:g}")
+    ax.set_xscale("log")
+    ticks = [*dp_eps, inf_x]
+    ax.set_xticks(ticks, [f"{e:g}" for e in dp_eps] + ["no DP"])
+    ax.minorticks_off()
+    ax.set_xlabel("ε per site (δ = 1e-5)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Banking77, 10 banks (Dirichlet α=0.5), MiniLM + LoRA")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def main(
+    quick: bool = typer.Option(False, "--quick", help="A few minutes: CI smoke settings."),
+    datasets: Path = typer.Option(DEFAULT_DATASETS, help="Folder with banking77/ and medquad/."),
+    out: Path = typer.Option(None, help="Results folder (default results/, or results/quick)."),
+    work: Path = typer.Option(None, help="Run directories (default runs/benchmark-<time>)."),
+    seed: int = typer.Option(0, help="Data split, sampling and training seed."),
+    only: str = typer.Option("all", help="all, banking77 or medquad."),
+    scale_set: list[str] = typer.Option(
+        None, "--scale", help="Override a size, e.g. --scale rounds=2 --scale epsilons=1,8 "
+        "(fields of Scale; repeatable)."),
+) -> None:
+    """Benchmark FedAvg / FFA-LoRA (and baselines) under DP on Banking77 and MedQuAD."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    from simulations.quiet import quiet_libraries
+
+    quiet_libraries()
+    warnings.filterwarnings("ignore", message=".*(Optimal order|Full backward hook).*")
+    import torch
+
+    torch.manual_seed(seed)
+    # One thread: the cores are shared (Ray sites, other jobs); OpenMP barriers across a
+    # descheduled second thread cost more than they give.
+    torch.set_num_threads(1)
+    console = Console()
+    if not (datasets / "banking77").is_dir() or not (datasets / "medquad").is_dir():
+        console.print(f"[red]datasets not found under {datasets}[/red]")
+        raise typer.Exit(2)
+    scale = _override(QUICK if quick else FULL, scale_set or [])
+    out = out or (REPO / "results" / ("quick" if quick else ""))
+    work = work or (REPO / "runs" / time.strftime("benchmark-%Y%m%d-%H%M%S"))
+    work.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "simulations.benchmark_methods", *sys.argv[1:]])
+    info = machine()
+    t0 = time.time()
+    progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                        MofNCompleteColumn(), TimeElapsedColumn(), console=console)
+    with progress:
+        runs = 0
+        if only in ("all", "banking77"):
+            runs += (3 + len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
+                     + len(scale.methods) * (1 + len(scale.epsilons)))
+        if only in ("all", "medquad"):
+            runs += 4
+        name = "benchmark_methods"
+
+        def report(results: list[Result]) -> None:
+            write_report(out, name, results, scale, seed, time.time() - t0, info, command, quick)
+
+        bench = Bench(scale, work, seed, console, progress, runs, report)
+        if only in ("all", "banking77"):
+            bench.banking77(datasets / "banking77")
+        if only in ("all", "medquad"):
+            bench.medquad(datasets / "medquad" / "medquad.jsonl")
+    wall = time.time() - t0
+    md, plot = write_report(out, name, bench.results, scale, seed, wall, info, command, quick)
+    console.print(md.read_text(), markup=False, highlight=False)
+    console.print(f"results: {md}" + (f", plot: {plot}" if plot else ""))
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,58 @@
+"""The benchmark driver's pure parts: the test subset, the computed targets, the report files."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from common.data import Record
+from simulations.benchmark_methods import (
+    QUICK,
+    Result,
+    _stratified_subset,
+    checks,
+    plot_banking77,
+    write_report,
+)
+
+
+def test_stratified_subset_keeps_class_proportions_and_is_seeded():
+    records = [Record({"category": c, "text": f"{c}{i}"}, "x", i)
+               for c, n in (("a", 60), ("b", 30), ("c", 10)) for i in range(n)]
+    sub = _stratified_subset(records, "category", 20, seed=3)
+    assert Counter(r.fields["category"] for r in sub) == {"a": 12, "b": 6, "c": 2}
+    assert len({id(r) for r in sub}) == 20
+    assert [r.line for r in sub] == [r.line for r in _stratified_subset(records, "category", 20, 3)]
+    assert [r.line for r in sub] != [r.line for r in _stratified_subset(records, "category", 20, 4)]
+
+
+def _results(fed_dp_acc: float) -> list[Result]:
+    m = lambda acc: {"accuracy": acc, "macro_f1": acc / 2, "loss": 1.0}  # noqa: E731
+    return [
+        Result("banking77", "centralized", "pooled data", None, m(0.80), 1.0),
+        Result("banking77", "local-only", "each bank alone (mean)", None, m(0.50), 1.0),
+        Result("banking77", "federated", "fedavg", 8.0, m(fed_dp_acc), 1.0, 7.9),
+        Result("banking77", "federated", "fedavg", None, m(0.78), 1.0),
+        Result("medquad", "local-only", "each site alone (mean)", None, {"loss": 2.0}, 1.0),
+        Result("medquad", "federated", "fedavg", 8.0, {"loss": 1.9, "perplexity": 6.7}, 1.0),
+    ]
+
+
+def test_targets_are_computed_from_the_measurements():
+    ok = "\n".join(checks(_results(0.76)))
+    assert "95.0% of centralized non-DP" in ok and "meets the ≥ 90% target" in ok
+    assert "beats local-only" in ok and "lower than local-only" in ok
+    bad = "\n".join(checks(_results(0.40)))
+    assert "50.0% of centralized" in bad and "misses the ≥ 90% target" in bad
+    assert "does not beat local-only" in bad
+
+
+def test_report_and_plot_are_written(tmp_path):
+    results = _results(0.7)
+    png = plot_banking77(results, tmp_path / "p.png")
+    assert png is not None and png.stat().st_size > 1000
+    info = {"cpu": "cpu", "cores": 2, "gpu": "none", "python": "3", "torch": "t", "flwr": "f"}
+    md, plot = write_report(tmp_path, "b", results, QUICK, 0, 12.0, info, "python -m x", True)
+    text = md.read_text()
+    assert "`python -m x`" in text and "seed: 0" in text and "2 cores" in text
+    assert "| federated | fedavg | 8 | 7.90 | 0.7000 |" in text
+    assert (tmp_path / "b.json").exists() and plot is not None and plot.exists()
