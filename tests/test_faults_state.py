@@ -222,7 +222,8 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path: Path):
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", 'data.labels=["a", "b"]'])
     model = get_runtime(cfg, "classification", 2).model
     base = get_adapter(model)
-    set_adapter(model, [a + 1 for a in base])
+    # Explicit values: the per-process model may have been trained by an earlier test.
+    set_adapter(model, [np.full_like(a, 1.0) for a in base])
     save_adapter(model, tmp_path / "adapter")
     os.replace(tmp_path / "adapter", tmp_path / ".adapter.old")  # the crash window
     (tmp_path / ".adapter-xyz").mkdir()  # and the new one's temporary directory
@@ -230,7 +231,7 @@ def test_crash_between_the_two_renames_is_recovered(tmp_path: Path):
     assert _adapter_value(tmp_path / "adapter") == 1.0
 
     os.replace(tmp_path / "adapter", tmp_path / ".adapter.old")
-    set_adapter(model, [a + 2 for a in base])
+    set_adapter(model, [np.full_like(a, 2.0) for a in base])
     save_adapter(model, tmp_path / "adapter")  # the next save copes with the leftover too
     assert _adapter_value(tmp_path / "adapter") == 2.0
     assert not (tmp_path / ".adapter.old").exists()
