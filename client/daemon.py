@@ -94,6 +94,8 @@ class SiteDaemon:
         self.connected = threading.Event()
         self.refused = threading.Event()
         self.lost = threading.Event()
+        # When the SuperNode started retrying the link (None: connected, or not retrying).
+        self.retrying_since: float | None = None
 
     @property
     def flwr_home(self) -> Path:
@@ -139,6 +141,9 @@ class SiteDaemon:
             event, level = kind
             if event == "connected":
                 self.connected.set()
+                self.retrying_since = None
+            elif event == "connection_retry" and self.retrying_since is None:
+                self.retrying_since = time.monotonic()
             elif event == "disconnected":
                 self.lost.set()  # the SuperNode gave up on the link; _wait_child restarts it
             elif event == "refused":
@@ -168,6 +173,16 @@ class SiteDaemon:
                 break
             except subprocess.TimeoutExpired:
                 pass
+            # Seen after a coordinator restart: the SuperNode's retries stop well before
+            # --max-wait-time and it never gives up. Treat a link retried for twice that long
+            # as lost, so the daemon starts a fresh SuperNode.
+            since = self.retrying_since
+            if (since is not None and not self.lost.is_set()
+                    and time.monotonic() - since > 2 * self.cfg.daemon.link_timeout_s):
+                self.log("link_stalled", "warning",
+                         msg="the SuperNode has been retrying the coordinator link for "
+                             f"{time.monotonic() - since:.0f} s; restarting it")
+                self.lost.set()
             # A SuperNode that gave up on the link does not always exit by itself: stop it,
             # the main loop starts a new one after the backoff.
             if self.stopping.is_set() or self.lost.is_set():
@@ -216,6 +231,7 @@ class SiteDaemon:
             self.connected.clear()
             self.refused.clear()
             self.lost.clear()
+            self.retrying_since = None
             started = time.monotonic()
             self.proc = subprocess.Popen(
                 self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -156,6 +156,12 @@ def scenario(tmp_path: Path):
         assert not leftover, f"ports still open after cleanup: {leftover}"
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="open bug: with SecAgg+, a site SIGKILLed mid-round sometimes voids that round instead "
+    "of it completing with the two survivors (seen in 1 of 3 full-suite runs on 2026-11-22; "
+    "round 1 aggregated no site). Kept running so a fix shows up as XPASS.",
+)
 def test_site_killed_mid_round_then_coordinator_killed_and_resumed(scenario: Scenario):
     sc = scenario
     server = sc.server("server")
