@@ -183,17 +183,22 @@ class PrivacyLedger:
             with db:
                 yield db
 
-    def _select(self, cls: type, table: str, run_id: str | None, order: str) -> list:
-        query = f"SELECT {', '.join(_columns(cls))} FROM {table} WHERE 1=1"
-        args: list = []
+    def _where(self, run_id: str | None) -> tuple[str, list]:
+        """WHERE clause and arguments selecting this site (if any) and run (if given)."""
+        query, args = " WHERE 1=1", []
         if self.site_id is not None:
             query += " AND site_id = ?"
             args.append(self.site_id)
         if run_id is not None:
             query += " AND run_id = ?"
             args.append(run_id)
+        return query, args
+
+    def _select(self, cls: type, table: str, run_id: str | None, order: str) -> list:
+        where, args = self._where(run_id)
+        query = f"SELECT {', '.join(_columns(cls))} FROM {table}{where} ORDER BY {order}"
         with self._connect() as db:
-            return [cls(*r) for r in db.execute(f"{query} ORDER BY {order}", args).fetchall()]
+            return [cls(*r) for r in db.execute(query, args).fetchall()]
 
     def _require_site(self) -> str:
         if self.site_id is None:
@@ -214,14 +219,8 @@ class PrivacyLedger:
     def plans(self, run_id: str | None = None) -> list[tuple[str, str, BudgetPlan]]:
         """(run_id, site_id, plan) of every run, oldest first."""
         cols = [f.name for f in fields(BudgetPlan)]
-        query = f"SELECT run_id, site_id, {', '.join(cols)} FROM plans WHERE 1=1"
-        args: list = []
-        if self.site_id is not None:
-            query += " AND site_id = ?"
-            args.append(self.site_id)
-        if run_id is not None:
-            query += " AND run_id = ?"
-            args.append(run_id)
+        where, args = self._where(run_id)
+        query = f"SELECT run_id, site_id, {', '.join(cols)} FROM plans{where}"
         with self._connect() as db:
             out = db.execute(query + " ORDER BY created_at", args).fetchall()
         plans = []
