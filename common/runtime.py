@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from common.config import RunConfig
-from common.lora import apply_lora
+from common.lora import apply_lora, get_adapter
 from common.models import TaskKind, load_base_model
 
 
@@ -18,6 +19,9 @@ class ModelRuntime:
     tokenizer: Any
     task: TaskKind
     device: torch.device
+    # The freshly initialised adapter (seeded A, zero B). The model is cached per process and
+    # later runs in the same process must start from this, not from a previous run's result.
+    initial_adapter: list[np.ndarray] = field(default_factory=list)
 
     @property
     def pad_id(self) -> int:
@@ -38,7 +42,6 @@ def get_runtime(cfg: RunConfig, task: TaskKind, num_labels: int | None) -> Model
             cfg.model.name, task, num_labels=num_labels, device=cfg.model.device,
             dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir,
         )
-        _CACHE[key] = ModelRuntime(
-            apply_lora(base, task, cfg.lora, freeze_a=cfg.federation.freeze_lora_a), tok, task, dev
-        )
+        model = apply_lora(base, task, cfg.lora, freeze_a=cfg.federation.freeze_lora_a)
+        _CACHE[key] = ModelRuntime(model, tok, task, dev, get_adapter(model))
     return _CACHE[key]

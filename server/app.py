@@ -18,7 +18,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from common.config import RunConfig, secagg_threshold
 from common.data import read_records
-from common.lora import adapter_layout, get_adapter
+from common.lora import adapter_layout
 from common.runtime import get_runtime
 from common.tasks import encode_records, num_labels, resolve_task
 from server.recorder import RoundListener, RunRecorder
@@ -95,7 +95,7 @@ def build_server_app(
                                    cfg.data.labels)
         point = prepare_resume(run_dir, run_id, rt.model) if resume else None
         recorder = RunRecorder(run_dir, run_id, rt, eval_data, listener)
-        strategy = build_strategy(cfg, recorder, point.adapter if point else get_adapter(rt.model))
+        strategy = build_strategy(cfg, recorder, point.adapter if point else rt.initial_adapter)
         if point is not None:
             restore_strategy_state(strategy, point.state.strategy)
         fed = cfg.federation
