@@ -45,6 +45,10 @@ class TaskConfig(_Section):
     """What is learned: instruction tuning of a causal LM, or text classification."""
 
     kind: Literal["auto", "causal_lm", "classification"] = "auto"
+    # Classification: sentence vector fed to the classifier. "auto": what the model declares
+    # (sentence-transformers' 1_Pooling config: mean for the embedded MiniLM), else "cls"
+    # (Hugging Face's [CLS] + pooler head). See common/heads.py.
+    pooling: Literal["auto", "cls", "mean"] = "auto"
 
 
 class LoraSettings(_Section):

@@ -33,8 +33,15 @@ def apply_lora(
     same values on CPU and GPU sites, with PEFT's distribution (kaiming-uniform, a=sqrt(5):
     U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B stays zero, and only B (and any head) is trainable.
     """
+    from common.heads import MeanPoolingClassifier
+
+    custom_head = isinstance(base, MeanPoolingClassifier)
     config = LoraConfig(
-        task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        # PEFT's SEQ_CLS wrapper expects Hugging Face's head; fedtune's own head is a plain
+        # module whose classifier PEFT trains in full and saves next to LoRA (modules_to_save).
+        task_type=None if custom_head else
+        ("SEQ_CLS" if task == "classification" else "CAUSAL_LM"),
+        modules_to_save=["classifier"] if custom_head else None,
         r=settings.r,
         lora_alpha=settings.alpha,
         lora_dropout=settings.dropout,

@@ -159,13 +159,22 @@ def load_base_model(
     device: str = "auto",
     dtype: str = "auto",
     cache_dir: Path | None = None,
+    pooling: str = "auto",
+    head_seed: int = 0,
 ):
-    """Load tokenizer and base model for `task`. Hub ids fail with a clear message offline."""
+    """Load tokenizer and base model for `task`. Hub ids fail with a clear message offline.
+
+    Classification with `pooling` "mean" (or "auto" on a model that declares mean pooling)
+    builds `MeanPoolingClassifier` (common/heads.py); "cls" is Hugging Face's own head.
+    """
     from transformers import (
+        AutoModel,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
+
+    from common.heads import MeanPoolingClassifier, model_pooling
 
     path = resolve_model_path(name, cache_dir)
     dev = pick_device(device)
@@ -175,9 +184,15 @@ def load_base_model(
         if task == "classification":
             if not num_labels:
                 raise ModelLoadError("classification needs the number of labels")
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=torch_dtype
-            )
+            if pooling == "auto":
+                pooling = model_pooling(path)
+            if pooling == "mean":
+                encoder = AutoModel.from_pretrained(path, dtype=torch_dtype)
+                model = MeanPoolingClassifier(encoder, num_labels, seed=head_seed)
+            else:
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, num_labels=num_labels, dtype=torch_dtype
+                )
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
     except OSError as e:

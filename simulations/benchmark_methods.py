@@ -49,11 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASETS = Path(os.environ.get("FEDTUNE_DATASETS", REPO.parent / "shared" / "datasets"))
 MINILM = "all-minilm-l6-v2"
 SMOLLM = "smollm2-135m-instruct"
-# LoRA on the top two encoder layers (attention query/value) and the pooler; the classifier
-# head is trained in full (PEFT modules_to_save). Backpropagation stops at layer 4: a fraction of
-# the cost of LoRA everywhere on a CPU, and fewer coordinates for the DP noise.
+# LoRA on the top two encoder layers (attention query/value); the sentence vector is the mean of
+# the last hidden states, as all-MiniLM-L6-v2 was trained (task.pooling=auto, common/heads.py),
+# and the linear classifier on it is trained in full (PEFT modules_to_save). Backpropagation
+# stops at layer 4: a fraction of the cost of LoRA everywhere on a CPU, and fewer coordinates
+# for the DP noise.
 MINILM_TARGETS = [f"layer.{i}.attention.self.{m}" for i in (4, 5) for m in ("query", "value")]
-MINILM_TARGETS.append("pooler.dense")
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,13 @@ class Scale:
     rounds: int
     local_steps: int
     batch_size: int
-    lr: float
+    lr: float  # AdamW, runs without DP
+    # Runs with DP may use their own optimizer and step size (DP-SGD papers tune them apart).
+    # The committed run uses AdamW for both: plain SGD at lr 10, better for a DP linear head on
+    # frozen MiniLM features, let the noisy LoRA steps wreck the encoder (accuracy 0 after two
+    # rounds of federated DP at epsilon 8), and one lr for head and LoRA cannot fit both.
+    dp_optimizer: str
+    dp_lr: float
     max_records_per_bank: int | None
     test_records: int  # stratified-random subset of test.csv used for every final number
     round_eval_records: int  # monitoring during federated runs (first N of that subset)
@@ -73,6 +80,8 @@ class Scale:
     methods: tuple[str, ...]
     central_dp_epsilons: tuple[float, ...]
     local_dp_epsilons: tuple[float, ...]
+    # Extra FedAvg runs at the largest epsilon with compressed uploads (issue 6: accuracy cost)
+    encodings: tuple[str, ...]
     # MedQuAD
     med_sites: int
     med_rounds: int
@@ -86,16 +95,19 @@ class Scale:
 
 
 FULL = Scale(
-    banks=10, rounds=4, local_steps=3, batch_size=32, lr=1e-2, max_records_per_bank=None,
-    test_records=300, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
+    banks=10, rounds=6, local_steps=8, batch_size=64, lr=1e-2, dp_optimizer="adamw", dp_lr=1e-2,
+    max_records_per_bank=None,
+    test_records=500, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
     methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
+    encodings=("fp16", "int8"),
     med_sites=3, med_rounds=2, med_local_steps=3, med_batch_size=4, med_lr=5e-3,
     med_max_length=64, med_records_per_site=32, med_eval_records=32, med_epsilon=8.0,
 )
 QUICK = Scale(
-    banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, max_records_per_bank=40,
+    banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, dp_optimizer="adamw", dp_lr=1e-2,
+    max_records_per_bank=40,
     test_records=50, round_eval_records=20, epsilons=(8.0,), methods=("fedavg", "ffa_lora"),
-    central_dp_epsilons=(8.0,), local_dp_epsilons=(),
+    central_dp_epsilons=(8.0,), local_dp_epsilons=(), encodings=(),
     med_sites=2, med_rounds=1, med_local_steps=1, med_batch_size=2, med_lr=5e-3,
     med_max_length=32, med_records_per_site=8, med_eval_records=4, med_epsilon=8.0,
 )
@@ -194,6 +206,10 @@ class Bench:
         self.console.log(f"{result.dataset} | {result.setting} {result.method} ({eps}): "
                          f"{shown} [{result.wall_s:.0f} s]")
 
+    def dp_train(self) -> list[str]:
+        """Config overrides of the DP runs' optimizer (see Scale.dp_optimizer)."""
+        return [f"train.optimizer={self.s.dp_optimizer}", f"train.lr={self.s.dp_lr}"]
+
     # -- model-side helpers (in this process)
 
     def runtime(self, cfg: RunConfig):
@@ -238,23 +254,27 @@ class Bench:
             q = poisson_sample_rate(len(data), cfg.train.batch_size)
             sigma = calibrate_noise(eps, dp.delta, q, steps, dp.accountant)
             spent = epsilon([(sigma, q, steps)], dp.delta, dp.accountant)
+        train = _with(cfg, *self.dp_train()).train if eps is not None else cfg.train
         train_local(rt.model, data, task=rt.task, pad_id=rt.pad_id, device=rt.device,
-                    train=cfg.train, dp=dp, noise_multiplier=sigma, steps=steps, seed=seed)
+                    train=train, dp=dp, noise_multiplier=sigma, steps=steps, seed=seed)
         return spent
 
     # -- the three kinds of run
 
     def federated(self, cfg: RunConfig, name: str, dataset: str, method: str,
-                  eps: float | None, final_eval=None) -> Result:
+                  eps: float | None, final_eval=None, encoding: str = "fp32") -> Result:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
         from simulations.runner import prepare_run, run_prepared
 
         cfg = _with(cfg, f"output.run_name={name}", f"federation.strategy={method}",
+                    f"federation.update_encoding={encoding}",
                     *(["dp.enabled=false"] if eps is None else
-                      ["dp.enabled=true", f"dp.target_epsilon={eps}"]))
-        label = f"{dataset}: federated {method} " + ("no DP" if eps is None else f"ε={eps:g}")
+                      ["dp.enabled=true", f"dp.target_epsilon={eps}",
+                       *(self.dp_train() if dataset == "banking77" else [])]))
+        shown = method if encoding == "fp32" else f"{method}, {encoding} upload"
+        label = f"{dataset}: federated {shown} " + ("no DP" if eps is None else f"ε={eps:g}")
         self._start(label, cfg.federation.rounds)
         t0 = time.time()
         prepared = prepare_run(cfg)
@@ -275,9 +295,12 @@ class Bench:
                 raise RuntimeError(f"adapter does not fit the model: {missing.unexpected_keys}")
             metrics = self.evaluate(rt, final_eval)
         eps_spent = [s["epsilon"] for m in records[1:] for s in m["sites"] if "epsilon" in s]
-        result = Result(dataset, "federated", method, eps, metrics, time.time() - t0,
+        upload = [m["aggregation"]["upload_bytes"] for m in records[1:]
+                  if "upload_bytes" in m.get("aggregation", {})]
+        result = Result(dataset, "federated", shown, eps, metrics, time.time() - t0,
                         max(eps_spent) if eps_spent else None,
-                        extra={"run_dir": str(prepared.run_dir),
+                        extra={"run_dir": str(prepared.run_dir), "encoding": encoding,
+                               "upload_bytes_per_round": upload,
                                "rounds": [{"round": m["round"], **m["eval"]} for m in records]})
         self._done(result)
         return result
@@ -355,6 +378,11 @@ class Bench:
             for eps in (None, *s.epsilons):
                 tag = "nodp" if eps is None else f"eps{eps:g}"
                 self.federated(cfg, f"{method}-{tag}", "banking77", method, eps, test_data)
+        eps_top = max(s.epsilons) if s.epsilons else None
+        for enc in s.encodings:
+            tag = "nodp" if eps_top is None else f"eps{eps_top:g}"
+            self.federated(cfg, f"fedavg-{tag}-{enc}", "banking77", "fedavg", eps_top, test_data,
+                           encoding=enc)
 
     # ------------------------------------------------------------------------ MedQuAD
 
@@ -427,14 +455,14 @@ def _override(scale: Scale, items: list[str]) -> Scale:
         current = getattr(scale, key)
         if isinstance(current, tuple):
             value: object = tuple(x for x in raw.split(",") if x)
-            if key != "methods":
+            if key not in ("methods", "encodings"):
                 value = tuple(float(x) for x in value)  # type: ignore[union-attr]
         elif raw.lower() == "none":
             value = None
         elif isinstance(current, float):
             value = float(raw)
         else:
-            value = int(raw) if key != "methods" else raw
+            value = raw if key in ("methods", "dp_optimizer") else int(raw)
         updates[key] = value
     return replace(scale, **updates)
 
@@ -492,11 +520,23 @@ def checks(results: list[Result]) -> list[str]:
     return lines
 
 
+def _kept_results(path: Path, only: str) -> tuple[list[Result], str]:
+    """With --only, the other dataset's rows of the previous report (and where they came from)."""
+    if only == "all" or not path.exists():
+        return [], ""
+    old = json.loads(path.read_text())
+    kept = [Result(**r) for r in old["results"] if r["dataset"] != only]
+    return kept, (f"`{old['command']}` ({old.get('date', 'earlier')}, "
+                  f"{old['wall_s'] / 60:.1f} min)") if kept else ""
+
+
 def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed: int,
-                 wall: float, info: dict, command: str, quick: bool) -> tuple[Path, Path | None]:
+                 wall: float, info: dict, command: str, quick: bool,
+                 kept_from: str = "") -> tuple[Path, Path | None]:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps({
         "command": command, "seed": seed, "machine": info, "wall_s": wall, "quick": quick,
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"), "kept_from": kept_from,
         "scale": asdict(scale), "results": [asdict(r) for r in results]}, indent=1))
     plot = plot_banking77(results, out / f"{name}_banking77.png")
     lines = [
@@ -508,6 +548,8 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         f"{info['gpu']}; Python {info['python']}, torch {info['torch']}, Flower {info['flwr']}",
         f"- wall time: {wall / 60:.1f} min in all; per run in the tables",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        *([f"- rows of the dataset not re-run (--only) are kept from: {kept_from}"]
+          if kept_from else []),
         "",
         "## Banking77: 77-intent classification, all-MiniLM-L6-v2 + LoRA",
         "",
@@ -516,8 +558,9 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
            if scale.max_records_per_bank else " (all 10,003 records)")
         + f"; test: a stratified random {scale.test_records} of the 3,080 test.csv queries, the "
         f"same for every row. Queries cut to 24 tokens. LoRA r=4 (α=8) on query/value of "
-        f"encoder layers 4-5 and the pooler, "
-        f"classifier head trained; AdamW lr {scale.lr}, batch {scale.batch_size} (expected, "
+        f"encoder layers 4-5, mean-pooled sentence vector, linear "
+        f"classifier trained; AdamW lr {scale.lr} without DP, {scale.dp_optimizer} lr "
+        f"{scale.dp_lr} with DP, batch {scale.batch_size} (expected, "
         f"Poisson with DP), {scale.rounds} rounds x {scale.local_steps} local steps. "
         f"Centralized = the banks' records pooled, trained for banks x rounds x local steps "
         f"steps (the federation's example-gradients); local-only = each bank alone for rounds x "
@@ -525,16 +568,19 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         f"sample-level (ε, δ=1e-5) per site, RDP accountant, clipping norm 1, noise calibrated "
         f"to the whole run; 'ε spent' is what the ledgers recorded (max over sites).",
         "",
-        "| setting | method | target ε | ε spent | accuracy | macro-F1 | loss | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | method | target ε | ε spent | accuracy | macro-F1 | loss | upload KB/round "
+        "| wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.dataset != "banking77":
             continue
+        upload = r.extra.get("upload_bytes_per_round")
         lines.append(
             f"| {r.setting} | {r.method} | {_eps(r.target_epsilon)}"
             f" | {_fmt(r.epsilon_spent, 2)} | {_fmt(r.metrics.get('accuracy'))} | "
-            f"{_fmt(r.metrics.get('macro_f1'))} | {_fmt(r.metrics.get('loss'))} | {r.wall_s:.0f} |"
+            f"{_fmt(r.metrics.get('macro_f1'))} | {_fmt(r.metrics.get('loss'))} | "
+            f"{_fmt(float(np.mean(upload)) / 1e3, 1) if upload else '-'} | {r.wall_s:.0f} |"
         )
     if plot:
         lines += ["", f"![accuracy vs epsilon]({plot.name})"]
@@ -642,9 +688,8 @@ def main(
     import torch
 
     torch.manual_seed(seed)
-    # One thread: the cores are shared (Ray sites, other jobs); OpenMP barriers across a
-    # descheduled second thread cost more than they give.
-    torch.set_num_threads(1)
+    # The in-process runs (centralized, local-only) never overlap the simulations' site workers.
+    torch.set_num_threads(os.cpu_count() or 1)
     console = Console()
     if not (datasets / "banking77").is_dir() or not (datasets / "medquad").is_dir():
         console.print(f"[red]datasets not found under {datasets}[/red]")
@@ -662,13 +707,16 @@ def main(
         runs = 0
         if only in ("all", "banking77"):
             runs += (3 + len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
-                     + len(scale.methods) * (1 + len(scale.epsilons)))
+                     + len(scale.methods) * (1 + len(scale.epsilons)) + len(scale.encodings))
         if only in ("all", "medquad"):
             runs += 4
         name = "benchmark_methods"
 
+        kept, kept_from = _kept_results(out / f"{name}.json", only)
+
         def report(results: list[Result]) -> None:
-            write_report(out, name, results, scale, seed, time.time() - t0, info, command, quick)
+            write_report(out, name, kept + results, scale, seed, time.time() - t0, info, command,
+                         quick, kept_from)
 
         bench = Bench(scale, work, seed, console, progress, runs, report)
         if only in ("all", "banking77"):
@@ -676,7 +724,8 @@ def main(
         if only in ("all", "medquad"):
             bench.medquad(datasets / "medquad" / "medquad.jsonl")
     wall = time.time() - t0
-    md, plot = write_report(out, name, bench.results, scale, seed, wall, info, command, quick)
+    md, plot = write_report(out, name, kept + bench.results, scale, seed, wall, info, command,
+                            quick, kept_from)
     console.print(md.read_text(), markup=False, highlight=False)
     console.print(f"results: {md}" + (f", plot: {plot}" if plot else ""))
 

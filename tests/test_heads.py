@@ -1,0 +1,70 @@
+"""Classification heads: the sentence vector a model was trained with (common/heads.py)."""
+
+import json
+
+import pytest
+import torch
+
+from common.config import LoraSettings
+from common.data import PadCollator
+from common.heads import MeanPoolingClassifier, model_pooling
+from common.lora import apply_lora
+from common.models import load_base_model, resolve_model_path
+
+
+def test_declared_pooling_is_read_from_the_model_directory(tmp_path):
+    assert model_pooling(resolve_model_path("all-minilm-l6-v2")) == "mean"
+    assert model_pooling(str(tmp_path)) == "cls"  # no sentence-transformers config
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}))
+    assert model_pooling(str(tmp_path)) == "cls"
+    assert model_pooling("some-org/some-hub-model") == "cls"
+
+
+@pytest.fixture(scope="module")
+def mean_model():
+    base, tok, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5)
+    return base, tok
+
+
+def test_auto_pooling_builds_the_mean_pooling_head_with_a_seeded_classifier(mean_model):
+    base, _ = mean_model
+    assert isinstance(base, MeanPoolingClassifier)
+    again, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5)
+    assert torch.equal(base.classifier.weight, again.classifier.weight)
+    other, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
+                                  head_seed=1)
+    assert not torch.equal(base.classifier.weight, other.classifier.weight)
+    cls, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
+                                pooling="cls")
+    assert not isinstance(cls, MeanPoolingClassifier)  # Hugging Face's [CLS] + pooler head
+
+
+def test_padding_does_not_change_the_sentence_vector(mean_model):
+    base, tok = mean_model
+    base.eval()
+    short = tok("I lost my card")["input_ids"]
+    long = tok("why was my transfer to a friend abroad declined twice today")["input_ids"]
+    alone = PadCollator(tok.pad_token_id)([{"input_ids": short, "labels": 0}])
+    padded = PadCollator(tok.pad_token_id)(
+        [{"input_ids": short, "labels": 0}, {"input_ids": long, "labels": 1}])
+    assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        a = base(input_ids=alone["input_ids"], attention_mask=alone["attention_mask"]).logits
+        b = base(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"]).logits
+    torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-5)
+
+
+def test_peft_trains_and_saves_lora_and_the_full_classifier(mean_model, tmp_path):
+    base, _ = mean_model
+    model = apply_lora(base, "classification", LoraSettings(r=4))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(".lora_A." in n for n in trainable) and any(".lora_B." in n for n in trainable)
+    assert any("classifier.modules_to_save" in n for n in trainable)
+    assert not any("encoder.embeddings" in n for n in trainable)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert any(k.endswith("classifier.weight") for k in saved)
