@@ -61,6 +61,8 @@ def _classify(line: str) -> tuple[str, str] | None:
         return "refused", "error"
     if "Connection attempt failed" in line:
         return "connection_retry", "warning"
+    if "Connection successful after" in line:  # a retried call went through: the link is back
+        return "connection_ok", "info"
     if "Giving up reconnection" in line or "Exit Code: 305" in line:
         return "disconnected", "warning"
     if re.search(r"\[RUN \d+, ROUND \d+\]", line):
@@ -144,6 +146,11 @@ class SiteDaemon:
                 self.retrying_since = None
             elif event == "connection_retry" and self.retrying_since is None:
                 self.retrying_since = time.monotonic()
+            elif event == "connection_ok":
+                # Without this, one transient retry (of the SuperNode, its SuperExec or a
+                # ClientApp) left the clock running, and a healthy SuperNode was restarted as
+                # "stalled" 2 x link_timeout_s later, in the middle of a round (a dropout).
+                self.retrying_since = None
             elif event == "disconnected":
                 self.lost.set()  # the SuperNode gave up on the link; _wait_child restarts it
             elif event == "refused":

@@ -2,7 +2,8 @@
 
 One code path for simulation and deployment: `DefaultWorkflow`, whose fit step is Flower's
 `SecAggPlusWorkflow` when secure aggregation is on (in Flower 1.39 SecAgg+ exists only on this
-path, with a `LegacyContext` and a legacy strategy). It runs as server/workflow.py's resumable
+path, with a `LegacyContext` and a legacy strategy; server/secagg.py's subclass of it also
+survives a site lost before it shared its keys). It runs as server/workflow.py's resumable
 variant: the server's state is saved after every round (server/state.py), `resume` continues
 after the last completed round, and `federation.round_timeout_s` bounds every exchange.
 """
@@ -14,7 +15,6 @@ from pathlib import Path
 
 from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import SecAggPlusWorkflow
 
 from common.config import RunConfig, secagg_threshold
 from common.data import read_records
@@ -22,7 +22,7 @@ from common.lora import adapter_layout
 from common.runtime import get_runtime
 from common.tasks import encode_records, num_labels, resolve_task
 from server.recorder import RoundListener, RunRecorder
-from server.secagg import secagg_params
+from server.secagg import DropoutTolerantSecAggPlus, secagg_params
 from server.state import (
     prepare_resume,
     restore_strategy_state,
@@ -72,7 +72,7 @@ def build_fit_workflow(cfg: RunConfig):
     if not cfg.federation.secagg:
         return None
     n = cfg.federation.num_sites
-    return SecAggPlusWorkflow(
+    return DropoutTolerantSecAggPlus(
         num_shares=n, reconstruction_threshold=secagg_threshold(n),
         **secagg_params(n, clip=cfg.federation.secagg_clip,
                         max_records=cfg.federation.secagg_max_records),

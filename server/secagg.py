@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import math
 
+from flwr.server.workflow import SecAggPlusWorkflow
+
 MODULUS_RANGE = 2**32
 MAX_BITS = 28
 DEFAULT_CLIP = 1.0
@@ -58,3 +60,27 @@ def aggregate_error_bound(params: dict, records: list[int]) -> float:
     step = 2 * params["clipping_range"] / params["quantization_range"]
     # Each site's ratio is itself rounded to a multiple of 1/quantization_range.
     return len(records) * step * params["max_weight"] / max(1, sum(records)) * 1.01 + 1e-12
+
+
+class DropoutTolerantSecAggPlus(SecAggPlusWorkflow):
+    """Flower 1.39's SecAgg+ workflow, except that a site dropping out *before* it has shared its
+    keys (in the setup or share-keys stage) no longer voids the round.
+
+    Flower's unmask stage takes every *sampled* node that did not send a masked vector as a
+    dropout whose pairwise masks must be removed (flwr/server/workflow/secure_aggregation/
+    secaggplus_workflow.py, `unmask_stage`: `dead_nids = state.sampled_node_ids - active_nids`),
+    asks the survivors for that node's key shares, and needs `threshold` shares of every sampled
+    node. A node that dropped before the share-keys stage completed never sent shares (and no
+    survivor masked its vector with it): every survivor fails on the missing share
+    (flwr/client/mod/secure_aggregation/secaggplus_mod.py, `_unmask`:
+    `state.sk1_share_dict[nid]`, KeyError), the server has no shares for that node ("Not enough
+    shares to recover secret in unmask vectors stage") and the round is void. As in the SecAgg+
+    protocol (Bell et al., 2020), only the nodes that shared their keys take part in unmasking:
+    after the share-keys stage, the nodes still active are the ones the later stages account
+    for. A dropout in the later stages (collect masked vectors, unmask) was already tolerated.
+    """
+
+    def share_keys_stage(self, grid, context, state) -> bool:
+        ok = super().share_keys_stage(grid, context, state)
+        state.sampled_node_ids = set(state.active_node_ids)
+        return ok

@@ -20,6 +20,7 @@ from logging import ERROR, WARNING
 import numpy as np
 import torch
 from flwr.common import (
+    FitIns,
     FitRes,
     NDArrays,
     Parameters,
@@ -78,6 +79,25 @@ class DeltaAggregation:
         if params is not None:
             self.global_adapter = parameters_to_ndarrays(params)
         return params
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager,
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Flower's, with the sample sized once `min_available_clients` sites are connected.
+
+        Flower 1.39's FedAvg.configure_fit computes the sample size from the sites available
+        *before* `sample()` waits for `min_available_clients` (flwr/server/strategy/fedavg.py,
+        `configure_fit`: `num_fit_clients(client_manager.num_available())`, then `sample()`).
+        A round that starts while a site is (re)connecting (a restarted site, a slow start)
+        therefore samples too few sites: 2 of 3 with `fraction_fit = 1`. With SecAgg+ that
+        leaves no room for a dropout (threshold 2), and with 2 sites each could recover the
+        other's update from the sum, which the start-up checks refuse (common/config.py).
+        """
+        # num_available() first: in a deployment it refreshes the list of connected sites
+        # (Flower's client-manager thread otherwise does so only every 5 s).
+        if client_manager.num_available() < self.min_available_clients:
+            client_manager.wait_for(self.min_available_clients, timeout=86400)  # as sample()
+        return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
         self,
