@@ -49,6 +49,11 @@ class TaskConfig(_Section):
     # (sentence-transformers' 1_Pooling config: mean for the embedded MiniLM), else "cls"
     # (Hugging Face's [CLS] + pooler head). See common/heads.py.
     pooling: Literal["auto", "cls", "mean"] = "auto"
+    # Classification: the classifier's starting weights. "label_names": each class's row is the
+    # sentence vector of its label name (zero-shot start; needs mean pooling); "random": seeded
+    # by lora.init_seed; "auto": label_names on a mean-pooling head when every label has a
+    # letter in it (names, not numeric codes), else random. See common/heads.py.
+    head_init: Literal["auto", "random", "label_names"] = "auto"
 
 
 class LoraSettings(_Section):

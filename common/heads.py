@@ -7,12 +7,21 @@ dominated by one direction shared by all sentences (|mean|^2 / E|x|^2 = 0.74 on 
 0.21 for mean pooling, measured on Banking77's train.csv). Under DP-SGD that shared
 direction eats most of each example's clipped gradient, so the head learns from the noise.
 `MeanPoolingClassifier` uses the encoder as it was trained: masked mean of the last hidden
-states, then one linear layer.
+states (L2-normalised when the model declares a Normalize module, as all-MiniLM-L6-v2 does),
+then one linear layer.
+
+The classifier can start from the label names instead of random weights (`init_from_label_names`):
+row k is the sentence vector of label k's name ("card_arrival" -> "card arrival"), so the
+untrained model already classifies by cosine similarity to the label names (zero-shot: 0.62
+accuracy on Banking77's test set with all-MiniLM-L6-v2, measured). Label names are part of the
+shared configuration, not site data, so this costs no privacy budget; under DP it saves the
+noisy steps a random head spends to find the classes.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +29,10 @@ import torch
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 Pooling = Literal["cls", "mean"]
+# Logit scale of a label-name head: logits = scale x cosine(sentence, label name). 20 gave the
+# lowest zero-shot cross-entropy on Banking77 of 5/10/20/30/50 (1.49 at 20; 1.68 at 10, 1.78
+# at 30), i.e. the temperature 0.05 common for cosine-softmax classifiers.
+LABEL_NAME_SCALE = 20.0
 
 
 def model_pooling(path: str) -> Pooling:
@@ -33,6 +46,26 @@ def model_pooling(path: str) -> Pooling:
     return "mean" if declared.get("pooling_mode_mean_tokens") else "cls"
 
 
+def model_normalizes(path: str) -> bool:
+    """Whether a sentence-transformers model ends with a Normalize module (modules.json)."""
+    try:
+        modules = json.loads((Path(path) / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(str(m.get("type", "")).endswith(".Normalize") for m in modules
+               if isinstance(m, dict))
+
+
+def label_text(label: str) -> str:
+    """The words of a label name: "card_arrival" -> "card arrival"."""
+    return " ".join(re.split(r"[_\-\s]+", str(label))).strip()
+
+
+def labels_have_names(labels: list[str]) -> bool:
+    """True when every label contains a letter (names, not codes such as "0" or "17")."""
+    return bool(labels) and all(re.search(r"[^\W\d_]", str(x)) for x in labels)
+
+
 class MeanPoolingClassifier(torch.nn.Module):
     """Encoder -> masked mean of the last hidden states -> linear classifier.
 
@@ -41,9 +74,11 @@ class MeanPoolingClassifier(torch.nn.Module):
     drawn from `seed` (normal(0, initializer_range), zero bias), identical everywhere.
     """
 
-    def __init__(self, encoder: torch.nn.Module, num_labels: int, seed: int = 0) -> None:
+    def __init__(self, encoder: torch.nn.Module, num_labels: int, seed: int = 0,
+                 normalize: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
+        self.normalize = normalize
         self.config = encoder.config
         self.config.num_labels = num_labels
         hidden = int(self.config.hidden_size)
@@ -55,10 +90,34 @@ class MeanPoolingClassifier(torch.nn.Module):
             self.classifier.weight.copy_(w.to(self.classifier.weight.dtype))
             self.classifier.bias.zero_()
 
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
-    ) -> SequenceClassifierOutput:
+    def sentence_vector(self, input_ids: torch.Tensor,
+                        attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return SequenceClassifierOutput(logits=self.classifier(pooled))
+        return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
+    ) -> SequenceClassifierOutput:
+        return SequenceClassifierOutput(
+            logits=self.classifier(self.sentence_vector(input_ids, attention_mask)))
+
+    @torch.no_grad()
+    def init_from_label_names(self, tokenizer, labels: list[str], max_length: int = 32,
+                              scale: float = LABEL_NAME_SCALE) -> None:
+        """Classifier row k = `scale` x the unit sentence vector of label k's name; bias 0."""
+        if len(labels) != self.classifier.out_features:
+            raise ValueError(f"{len(labels)} label names for {self.classifier.out_features} "
+                             "classes")
+        was_training = self.training
+        self.eval()  # no dropout in the label vectors
+        batch = tokenizer([label_text(x) for x in labels], padding=True, truncation=True,
+                          max_length=max_length, return_tensors="pt")
+        device = self.classifier.weight.device
+        vectors = self.sentence_vector(batch["input_ids"].to(device),
+                                       batch["attention_mask"].to(device))
+        vectors = torch.nn.functional.normalize(vectors.float(), dim=-1) * scale
+        self.classifier.weight.copy_(vectors.to(self.classifier.weight.dtype))
+        self.classifier.bias.zero_()
+        self.train(was_training)

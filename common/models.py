@@ -161,11 +161,15 @@ def load_base_model(
     cache_dir: Path | None = None,
     pooling: str = "auto",
     head_seed: int = 0,
+    labels: list[str] | None = None,
+    head_init: str = "auto",
 ):
     """Load tokenizer and base model for `task`. Hub ids fail with a clear message offline.
 
     Classification with `pooling` "mean" (or "auto" on a model that declares mean pooling)
     builds `MeanPoolingClassifier` (common/heads.py); "cls" is Hugging Face's own head.
+    `head_init` "label_names" (or "auto" on a mean-pooling head whose `labels` are names, not
+    codes) starts its classifier from the label names; "random" from `head_seed`.
     """
     from transformers import (
         AutoModel,
@@ -174,7 +178,12 @@ def load_base_model(
         AutoTokenizer,
     )
 
-    from common.heads import MeanPoolingClassifier, model_pooling
+    from common.heads import (
+        MeanPoolingClassifier,
+        labels_have_names,
+        model_normalizes,
+        model_pooling,
+    )
 
     path = resolve_model_path(name, cache_dir)
     dev = pick_device(device)
@@ -188,7 +197,12 @@ def load_base_model(
                 pooling = model_pooling(path)
             if pooling == "mean":
                 encoder = AutoModel.from_pretrained(path, dtype=torch_dtype)
-                model = MeanPoolingClassifier(encoder, num_labels, seed=head_seed)
+                model = MeanPoolingClassifier(encoder, num_labels, seed=head_seed,
+                                              normalize=model_normalizes(path))
+            elif head_init == "label_names":
+                raise ModelLoadError("task.head_init = \"label_names\" needs the mean-pooling "
+                                     "head: set task.pooling = \"mean\" (or head_init = "
+                                     "\"random\")")
             else:
                 model = AutoModelForSequenceClassification.from_pretrained(
                     path, num_labels=num_labels, dtype=torch_dtype
@@ -204,4 +218,10 @@ def load_base_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
+    if isinstance(model, MeanPoolingClassifier) and (
+        head_init == "label_names" or (head_init == "auto" and labels_have_names(labels or []))
+    ):
+        if not labels:
+            raise ModelLoadError("task.head_init = \"label_names\" needs data.labels")
+        model.init_from_label_names(tok, list(labels))
     return model.to(dev), tok, dev

@@ -35,13 +35,16 @@ def get_runtime(cfg: RunConfig, task: TaskKind, num_labels: int | None) -> Model
     """Load (once per process) the base model wrapped with the configured LoRA adapter."""
     key = (
         cfg.model.name, cfg.model.device, cfg.model.dtype, str(cfg.model.cache_dir), task,
-        num_labels, cfg.task.pooling, cfg.lora.model_dump_json(), cfg.federation.freeze_lora_a,
+        num_labels, cfg.task.pooling, cfg.task.head_init, tuple(cfg.data.labels or ()),
+        cfg.lora.model_dump_json(), cfg.federation.freeze_lora_a,
     )
     if key not in _CACHE:
         base, tok, dev = load_base_model(
             cfg.model.name, task, num_labels=num_labels, device=cfg.model.device,
             dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, pooling=cfg.task.pooling,
             head_seed=cfg.lora.init_seed,
+            labels=cfg.data.labels if task == "classification" else None,
+            head_init=cfg.task.head_init,
         )
         model = apply_lora(base, task, cfg.lora, freeze_a=cfg.federation.freeze_lora_a)
         _CACHE[key] = ModelRuntime(model, tok, task, dev, get_adapter(model))

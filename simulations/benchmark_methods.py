@@ -80,8 +80,13 @@ class Scale:
     methods: tuple[str, ...]
     central_dp_epsilons: tuple[float, ...]
     local_dp_epsilons: tuple[float, ...]
-    # Extra FedAvg runs at the largest epsilon with compressed uploads (issue 6: accuracy cost)
+    # Extra FedAvg runs without DP with compressed uploads (issue 6: their accuracy cost, next
+    # to the fp32 run; without DP noise the difference is the encoding's alone)
     encodings: tuple[str, ...]
+    # Classifier start (task.head_init), and extra FedAvg runs with a random head at these
+    # epsilons to show what the label-name start is worth
+    head_init: str
+    random_head_epsilons: tuple[float, ...]
     # MedQuAD
     med_sites: int
     med_rounds: int
@@ -99,7 +104,7 @@ FULL = Scale(
     max_records_per_bank=None,
     test_records=500, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
     methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
-    encodings=("fp16", "int8"),
+    encodings=("fp16", "int8"), head_init="auto", random_head_epsilons=(8.0,),
     med_sites=3, med_rounds=2, med_local_steps=3, med_batch_size=4, med_lr=5e-3,
     med_max_length=64, med_records_per_site=32, med_eval_records=32, med_epsilon=8.0,
 )
@@ -107,7 +112,8 @@ QUICK = Scale(
     banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, dp_optimizer="adamw", dp_lr=1e-2,
     max_records_per_bank=40,
     test_records=50, round_eval_records=20, epsilons=(8.0,), methods=("fedavg", "ffa_lora"),
-    central_dp_epsilons=(8.0,), local_dp_epsilons=(), encodings=(),
+    central_dp_epsilons=(8.0,), local_dp_epsilons=(), encodings=(), head_init="auto",
+    random_head_epsilons=(),
     med_sites=2, med_rounds=1, med_local_steps=1, med_batch_size=2, med_lr=5e-3,
     med_max_length=32, med_records_per_site=8, med_eval_records=4, med_epsilon=8.0,
 )
@@ -262,7 +268,8 @@ class Bench:
     # -- the three kinds of run
 
     def federated(self, cfg: RunConfig, name: str, dataset: str, method: str,
-                  eps: float | None, final_eval=None, encoding: str = "fp32") -> Result:
+                  eps: float | None, final_eval=None, encoding: str = "fp32",
+                  variant: str = "", overrides: tuple[str, ...] = ()) -> Result:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -272,8 +279,9 @@ class Bench:
                     f"federation.update_encoding={encoding}",
                     *(["dp.enabled=false"] if eps is None else
                       ["dp.enabled=true", f"dp.target_epsilon={eps}",
-                       *(self.dp_train() if dataset == "banking77" else [])]))
+                       *(self.dp_train() if dataset == "banking77" else [])]), *overrides)
         shown = method if encoding == "fp32" else f"{method}, {encoding} upload"
+        shown += f", {variant}" if variant else ""
         label = f"{dataset}: federated {shown} " + ("no DP" if eps is None else f"ε={eps:g}")
         self._start(label, cfg.federation.rounds)
         t0 = time.time()
@@ -326,7 +334,7 @@ class Bench:
             f"federation.rounds={s.rounds}", f"train.local_steps={s.local_steps}",
             f"train.batch_size={s.batch_size}", f"train.lr={s.lr}", "train.optimizer=adamw",
             "dp.delta=1e-5", "dp.max_grad_norm=1.0", "federation.parallel_sites=0",
-            f"output.dir={self.work / 'banking77'}",
+            f"task.head_init={s.head_init}", f"output.dir={self.work / 'banking77'}",
             *([f"data.max_records_per_site={s.max_records_per_bank}"]
               if s.max_records_per_bank else []),
         ])
@@ -342,7 +350,12 @@ class Bench:
         steps = s.rounds * s.local_steps  # per bank; the federation does banks x steps
         t0 = time.time()
         self.reset(rt)
-        self._done(Result("banking77", "base model", "untrained LoRA + random head", None,
+        from common.heads import labels_have_names
+
+        named = cfg.task.head_init == "label_names" or (
+            cfg.task.head_init == "auto" and labels_have_names(cfg.data.labels or []))
+        head = "label-name head (zero-shot)" if named else "random head"
+        self._done(Result("banking77", "base model", f"untrained LoRA + {head}", None,
                           self.evaluate(rt, test_data), time.time() - t0))
 
         pooled = self.encode(cfg, rt, bank_files)
@@ -378,11 +391,13 @@ class Bench:
             for eps in (None, *s.epsilons):
                 tag = "nodp" if eps is None else f"eps{eps:g}"
                 self.federated(cfg, f"{method}-{tag}", "banking77", method, eps, test_data)
-        eps_top = max(s.epsilons) if s.epsilons else None
         for enc in s.encodings:
-            tag = "nodp" if eps_top is None else f"eps{eps_top:g}"
-            self.federated(cfg, f"fedavg-{tag}-{enc}", "banking77", "fedavg", eps_top, test_data,
+            self.federated(cfg, f"fedavg-nodp-{enc}", "banking77", "fedavg", None, test_data,
                            encoding=enc)
+        for eps in s.random_head_epsilons:
+            self.federated(cfg, f"fedavg-eps{eps:g}-random-head", "banking77", "fedavg", eps,
+                           test_data, variant="random head",
+                           overrides=("task.head_init=random",))
 
     # ------------------------------------------------------------------------ MedQuAD
 
@@ -462,7 +477,7 @@ def _override(scale: Scale, items: list[str]) -> Scale:
         elif isinstance(current, float):
             value = float(raw)
         else:
-            value = raw if key in ("methods", "dp_optimizer") else int(raw)
+            value = raw if key in ("methods", "dp_optimizer", "head_init") else int(raw)
         updates[key] = value
     return replace(scale, **updates)
 
@@ -507,6 +522,23 @@ def checks(results: list[Result]) -> list[str]:
             line += (f"; {'beats' if better else 'does not beat'} local-only non-DP "
                      f"({local.metrics['accuracy']:.4f})")
         lines.append(line)
+    for r in bank:  # compressed uploads vs the fp32 run of the same method and epsilon
+        enc = r.extra.get("encoding", "fp32")
+        if r.setting != "federated" or enc == "fp32" or "random head" in r.method:
+            continue
+        base = next((b for b in bank if b.setting == "federated" and b.target_epsilon ==
+                     r.target_epsilon and b.method == r.method.split(",")[0]), None)
+        up, up0 = r.extra.get("upload_bytes_per_round"), (base.extra.get(
+            "upload_bytes_per_round") if base else None)
+        if base is None or not up or not up0:
+            continue
+        ratio = float(np.mean(up)) / float(np.mean(up0))
+        drop = 100 * (base.metrics["accuracy"] - r.metrics["accuracy"])
+        ok = ratio <= 0.25 and drop <= 1.0
+        lines.append(f"- {r.method} ({_eps(r.target_epsilon)}): upload {ratio:.3f}x fp32's, "
+                     f"accuracy {r.metrics['accuracy']:.4f} vs {base.metrics['accuracy']:.4f} "
+                     f"({-drop:+.1f} points) — {'meets' if ok else 'misses'} the ≤ 0.25x, "
+                     "≤ 1 point target")
     med = {(r.setting, r.target_epsilon): r for r in results if r.dataset == "medquad"}
     loc = med.get(("local-only", None))
     for key in (("federated", None), ("federated", 8.0)):
@@ -558,10 +590,12 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
            if scale.max_records_per_bank else " (all 10,003 records)")
         + f"; test: a stratified random {scale.test_records} of the 3,080 test.csv queries, the "
         f"same for every row. Queries cut to 24 tokens. LoRA r=4 (α=8) on query/value of "
-        f"encoder layers 4-5, mean-pooled sentence vector, linear "
-        f"classifier trained; AdamW lr {scale.lr} without DP, {scale.dp_optimizer} lr "
-        f"{scale.dp_lr} with DP, batch {scale.batch_size} (expected, "
-        f"Poisson with DP), {scale.rounds} rounds x {scale.local_steps} local steps. "
+        f"encoder layers 4-5, mean-pooled unit sentence vector, linear "
+        f"classifier (task.head_init={scale.head_init}: started from the label names, a "
+        f"zero-shot head, unless a row says random head) trained; AdamW lr {scale.lr} "
+        f"without DP, {scale.dp_optimizer} lr {scale.dp_lr} with DP, batch "
+        f"{scale.batch_size} (expected, Poisson with DP), {scale.rounds} rounds x "
+        f"{scale.local_steps} local steps. "
         f"Centralized = the banks' records pooled, trained for banks x rounds x local steps "
         f"steps (the federation's example-gradients); local-only = each bank alone for rounds x "
         f"local steps, its accuracy on the shared test set averaged over banks. DP: "
@@ -707,7 +741,8 @@ def main(
         runs = 0
         if only in ("all", "banking77"):
             runs += (3 + len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
-                     + len(scale.methods) * (1 + len(scale.epsilons)) + len(scale.encodings))
+                     + len(scale.methods) * (1 + len(scale.epsilons)) + len(scale.encodings)
+                     + len(scale.random_head_epsilons))
         if only in ("all", "medquad"):
             runs += 4
         name = "benchmark_methods"

@@ -7,9 +7,15 @@ import torch
 
 from common.config import LoraSettings
 from common.data import PadCollator
-from common.heads import MeanPoolingClassifier, model_pooling
+from common.heads import (
+    MeanPoolingClassifier,
+    label_text,
+    labels_have_names,
+    model_normalizes,
+    model_pooling,
+)
 from common.lora import apply_lora
-from common.models import load_base_model, resolve_model_path
+from common.models import ModelLoadError, load_base_model, resolve_model_path
 
 
 def test_declared_pooling_is_read_from_the_model_directory(tmp_path):
@@ -68,3 +74,50 @@ def test_peft_trains_and_saves_lora_and_the_full_classifier(mean_model, tmp_path
 
     saved = load_file(str(tmp_path / "adapter_model.safetensors"))
     assert any(k.endswith("classifier.weight") for k in saved)
+
+
+BANK_LABELS = ["card_arrival", "exchange_rate", "lost_or_stolen_card", "top-up failed",
+               "cash_withdrawal"]
+
+
+def test_label_names_are_words_and_codes_are_not(tmp_path):
+    assert label_text("lost_or_stolen_card") == "lost or stolen card"
+    assert label_text("top-up failed") == "top up failed"
+    assert labels_have_names(BANK_LABELS)
+    assert not labels_have_names(["0", "1", "17"]) and not labels_have_names([])
+    assert model_normalizes(resolve_model_path("all-minilm-l6-v2"))  # 2_Normalize in modules.json
+    assert not model_normalizes(str(tmp_path))
+
+
+def test_label_name_head_classifies_zero_shot_before_any_training():
+    model, tok, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
+                                    labels=BANK_LABELS)  # head_init "auto": names -> label_names
+    model.eval()
+    queries = {"My new card still has not arrived": 0,
+               "What exchange rate do you use for euros?": 1,
+               "Someone stole my card": 2,
+               "Why did my top up not work?": 3,
+               "How do I withdraw cash at an ATM?": 4}
+    batch = tok(list(queries), padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.argmax(-1).tolist() == list(queries.values())
+    rows = model.classifier.weight.norm(dim=-1)
+    torch.testing.assert_close(rows, torch.full_like(rows, 20.0))
+    # Numeric codes carry no meaning: "auto" keeps the seeded random head.
+    coded, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
+                                  labels=["0", "1", "2", "3", "4"])
+    random_head, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5)
+    assert torch.equal(coded.classifier.weight, random_head.classifier.weight)
+    forced, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
+                                   labels=BANK_LABELS, head_init="random")
+    assert torch.equal(forced.classifier.weight, random_head.classifier.weight)
+
+
+def test_label_name_head_needs_mean_pooling_and_labels():
+    with pytest.raises(ModelLoadError, match="head_init"):
+        load_base_model("all-minilm-l6-v2", "classification", num_labels=5, labels=BANK_LABELS,
+                        pooling="cls", head_init="label_names")
+    with pytest.raises(ModelLoadError, match="data.labels"):
+        load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
+                        head_init="label_names")

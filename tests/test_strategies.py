@@ -182,8 +182,10 @@ def test_product_strategy_on_deltas_and_names():
 
 
 def _cls_config(tmp_path: Path, *extra: str) -> RunConfig:
+    # A random head: these tests measure how far local training moves the adapter, which a
+    # zero-shot (label-name) head, already near the demo's answer, would barely do.
     cfg = load_config(None, [*MINILM, "dp.enabled=false", "train.batch_size=4",
-                             "train.lr=0.05", *extra])
+                             "train.lr=0.05", "task.head_init=random", *extra])
     labels = sorted({r["label"] for r in classification_demo(40, 0)})
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
 
