@@ -95,8 +95,10 @@ class DeltaAggregation:
         """
         # num_available() first: in a deployment it refreshes the list of connected sites
         # (Flower's client-manager thread otherwise does so only every 5 s).
-        if client_manager.num_available() < self.min_available_clients:
-            client_manager.wait_for(self.min_available_clients, timeout=86400)  # as sample()
+        # Flower's DP wrappers have no min_available_clients: their inner strategy waits.
+        needed = getattr(self, "min_available_clients", 0)
+        if client_manager.num_available() < needed:
+            client_manager.wait_for(needed, timeout=86400)  # as Flower's sample()
         return super().configure_fit(server_round, parameters, client_manager)
 
     def aggregate_fit(
