@@ -175,6 +175,12 @@ def server(
         f"TLS {'OFF' if insecure else 'on'}"
     )
     console.print(f"run directory: {prepared.run_dir}")
+    if c.federation.round_timeout_s is None:
+        # A hung site (or one restarted under the same node id) is otherwise waited for until
+        # Flower's message TTL, 12 h (docs/reliability.md).
+        err_console.print("[yellow]federation.round_timeout_s is not set: a site that hangs "
+                          "can stall a round for up to 12 h. Set it to a few times the slowest "
+                          "site's training time.[/yellow]")
     if prepared.resume:
         done = prepared.resumed_after
         console.print(f"resuming run {prepared.run_name}: " + (
