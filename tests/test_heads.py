@@ -102,8 +102,9 @@ def test_label_name_head_classifies_zero_shot_before_any_training():
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert logits.argmax(-1).tolist() == list(queries.values())
-    rows = model.classifier.weight.norm(dim=-1)
-    torch.testing.assert_close(rows, torch.full_like(rows, 20.0))
+    rows = model.classifier.weight.norm(dim=-1)  # unit rows; the scale is a fixed factor
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+    assert float(model.logit_scale) == 20.0 and logits.abs().max() <= 20.0 + 1e-4
     # Numeric codes carry no meaning: "auto" keeps the seeded random head.
     coded, _, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
                                   labels=["0", "1", "2", "3", "4"])
