@@ -558,6 +558,8 @@ def _kept_results(path: Path, only: str) -> tuple[list[Result], str]:
         return [], ""
     old = json.loads(path.read_text())
     kept = [Result(**r) for r in old["results"] if r["dataset"] != only]
+    if kept and old.get("kept_from") and f"--only {only}" in old["command"]:
+        return kept, old["kept_from"]  # the previous run had kept them too: name their origin
     return kept, (f"`{old['command']}` ({old.get('date', 'earlier')}, "
                   f"{old['wall_s'] / 60:.1f} min)") if kept else ""
 
@@ -666,19 +668,21 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
         return None
     dp_eps = sorted({r.target_epsilon for r in bank if r.target_epsilon is not None})
     inf_x = (max(dp_eps) * 3) if dp_eps else 1.0  # where "no DP" sits on the axis
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
     for method in sorted({r.method for r in fed}):
         rows = sorted((r for r in fed if r.method == method),
                       key=lambda r: math.inf if r.target_epsilon is None else r.target_epsilon)
         xs = [inf_x if r.target_epsilon is None else r.target_epsilon for r in rows]
         ax.plot(xs, [r.metrics["accuracy"] for r in rows], marker="o",
                 label=f"federated {method}")
-    styles = {("centralized", None): ("k", "--"), ("local-only", None): ("tab:red", ":")}
+    styles = {("centralized", None): ("k", "--"), ("local-only", None): ("tab:red", ":"),
+              ("base model", None): ("tab:gray", "-.")}
     for r in bank:
         key = (r.setting, r.target_epsilon)
         if key in styles:
             color, ls = styles[key]
-            ax.axhline(r.metrics["accuracy"], color=color, ls=ls, label=f"{r.setting}, no DP")
+            name = "untrained (start)" if r.setting == "base model" else f"{r.setting}, no DP"
+            ax.axhline(r.metrics["accuracy"], color=color, ls=ls, label=name)
         elif r.setting in ("centralized", "local-only") and r.target_epsilon is not None:
             ax.plot([r.target_epsilon], [r.metrics["accuracy"]], marker="s", ls="none",
                     color="k" if r.setting == "centralized" else "tab:red",
@@ -691,7 +695,8 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
     ax.set_ylabel("test accuracy")
     ax.set_title("Banking77, 10 banks (Dirichlet α=0.5), MiniLM + LoRA")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    # Outside the axes: points can sit anywhere between 0 and 1.
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
