@@ -8,6 +8,7 @@ from common.data import Record
 from simulations.benchmark_methods import (
     QUICK,
     Result,
+    _kept_results,
     _stratified_subset,
     checks,
     plot_banking77,
@@ -56,3 +57,35 @@ def test_report_and_plot_are_written(tmp_path):
     assert "`python -m x`" in text and "seed: 0" in text and "2 cores" in text
     assert "| federated | fedavg | 8 | 7.90 | 0.7000 |" in text
     assert (tmp_path / "b.json").exists() and plot is not None and plot.exists()
+
+
+def test_encoding_rows_are_checked_against_the_fp32_run():
+    m = lambda acc: {"accuracy": acc, "macro_f1": acc, "loss": 1.0}  # noqa: E731
+    fp32 = Result("banking77", "federated", "fedavg", None, m(0.850), 1.0,
+                  extra={"encoding": "fp32", "upload_bytes_per_round": [1000, 1000]})
+    int8 = Result("banking77", "federated", "fedavg, int8 upload", None, m(0.846), 1.0,
+                  extra={"encoding": "int8", "upload_bytes_per_round": [250, 250]})
+    fp16 = Result("banking77", "federated", "fedavg, fp16 upload", None, m(0.830), 1.0,
+                  extra={"encoding": "fp16", "upload_bytes_per_round": [500]})
+    lines = "\n".join(checks([fp32, int8, fp16]))
+    assert "int8 upload (no DP): upload 0.250x fp32's" in lines and "(-0.4 points) — meets" in lines
+    assert "fp16 upload (no DP): upload 0.500x" in lines and "(-2.0 points) — misses" in lines
+
+
+def test_rows_kept_across_only_runs_name_the_run_that_measured_them(tmp_path):
+    med = Result("medquad", "federated", "fedavg", None, {"loss": 1.7}, 1.0)
+    bank = Result("banking77", "federated", "fedavg", None, {"accuracy": 0.8}, 1.0)
+    import json
+    from dataclasses import asdict
+
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"command": "python -m x", "date": "D1", "wall_s": 60.0,
+                                "results": [asdict(med), asdict(bank)]}))
+    kept, origin = _kept_results(path, "banking77")
+    assert [r.dataset for r in kept] == ["medquad"] and origin == "`python -m x` (D1, 1.0 min)"
+    # A later --only banking77 run keeps them again: they still come from the first run.
+    path.write_text(json.dumps({"command": "python -m x --only banking77", "date": "D2",
+                                "wall_s": 60.0, "kept_from": origin,
+                                "results": [asdict(med), asdict(bank)]}))
+    assert _kept_results(path, "banking77")[1] == origin
+    assert _kept_results(path, "all") == ([], "")
