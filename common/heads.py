@@ -12,8 +12,9 @@ then one linear layer.
 
 The classifier can start from the label names instead of random weights (`init_from_label_names`):
 row k is the sentence vector of label k's name ("card_arrival" -> "card arrival"), so the
-untrained model already classifies by cosine similarity to the label names (zero-shot: 0.62
-accuracy on Banking77's test set with all-MiniLM-L6-v2, measured). Label names are part of the
+untrained model already classifies by cosine similarity to the label names (zero-shot with
+all-MiniLM-L6-v2 on Banking77's test set, measured: 0.62 accuracy on 1,000 random queries,
+0.598 on the benchmark's stratified 500). Label names are part of the
 shared configuration, not site data, so this costs no privacy budget; under DP it saves the
 noisy steps a random head spends to find the classes.
 """
