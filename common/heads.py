@@ -70,6 +70,11 @@ def labels_have_names(labels: list[str]) -> bool:
     return bool(labels) and all(re.search(r"[^\W\d_]", str(x)) for x in labels)
 
 
+def starts_from_label_names(head_init: str, labels: list[str] | None) -> bool:
+    """Whether a mean-pooling head starts from the label names (`task.head_init`)."""
+    return head_init == "label_names" or (head_init == "auto" and labels_have_names(labels or []))
+
+
 class MeanPoolingClassifier(torch.nn.Module):
     """Encoder -> masked mean of the last hidden states -> linear classifier.
 

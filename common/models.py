@@ -180,9 +180,9 @@ def load_base_model(
 
     from common.heads import (
         MeanPoolingClassifier,
-        labels_have_names,
         model_normalizes,
         model_pooling,
+        starts_from_label_names,
     )
 
     path = resolve_model_path(name, cache_dir)
@@ -218,9 +218,7 @@ def load_base_model(
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     model.config.pad_token_id = tok.pad_token_id
-    if isinstance(model, MeanPoolingClassifier) and (
-        head_init == "label_names" or (head_init == "auto" and labels_have_names(labels or []))
-    ):
+    if isinstance(model, MeanPoolingClassifier) and starts_from_label_names(head_init, labels):
         if not labels:
             raise ModelLoadError("task.head_init = \"label_names\" needs data.labels")
         model.init_from_label_names(tok, list(labels))

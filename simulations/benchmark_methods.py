@@ -350,11 +350,10 @@ class Bench:
         steps = s.rounds * s.local_steps  # per bank; the federation does banks x steps
         t0 = time.time()
         self.reset(rt)
-        from common.heads import labels_have_names
+        from common.heads import starts_from_label_names
 
-        named = cfg.task.head_init == "label_names" or (
-            cfg.task.head_init == "auto" and labels_have_names(cfg.data.labels or []))
-        head = "label-name head (zero-shot)" if named else "random head"
+        head = ("label-name head (zero-shot)"
+                if starts_from_label_names(cfg.task.head_init, cfg.data.labels) else "random head")
         self._done(Result("banking77", "base model", f"untrained LoRA + {head}", None,
                           self.evaluate(rt, test_data), time.time() - t0))
 
