@@ -34,10 +34,21 @@ def poisson_sample_rate(records: int, batch_size: int) -> float:
     return 1.0 / math.ceil(records / min(batch_size, records))
 
 
-def _optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def is_head(name: str) -> bool:
+    """Whether a trainable parameter belongs to a head trained in full (PEFT modules_to_save)."""
+    return ".modules_to_save." in name
+
+
+def _optimizer(named: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig
+               ) -> torch.optim.Optimizer:
+    """SGD or AdamW, with the head in its own parameter group when `head_lr` is set."""
+    head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+    groups = [{"params": [p for n, p in named if is_head(n) == head], "lr": lr}
+              for head, lr in ((False, cfg.lr), (True, head_lr))]
+    groups = [g for g in groups if g["params"]]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def _batches(loader: torch.utils.data.DataLoader, steps: int):
@@ -55,18 +66,20 @@ def _step(
     optimizer: torch.optim.Optimizer,
     params: list[torch.nn.Parameter],
     anchor: list[torch.Tensor] | None,
-    pull: float,
+    mu: float,
 ) -> None:
-    """One optimizer step, then FedProx's proximal step -lr*mu*(w_before - w_global)."""
+    """One optimizer step, then FedProx's proximal step -lr*mu*(w_before - w_global), with the
+    step size lr of each parameter's group."""
     if anchor is None:
         optimizer.step()
         return
     with torch.no_grad():
         gaps = [p.detach() - a for p, a in zip(params, anchor, strict=True)]
     optimizer.step()
+    lrs = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
     with torch.no_grad():
         for p, g in zip(params, gaps, strict=True):
-            p.sub_(g, alpha=pull)
+            p.sub_(g, alpha=lrs[id(p)] * mu)
 
 
 def train_local(
@@ -93,9 +106,10 @@ def train_local(
     data, so under DP it is post-processing: outside per-sample clipping and noise, no privacy cost.
     """
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
-    optimizer = _optimizer(params, train)
+    optimizer = _optimizer(named, train)
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(
         dataset,
@@ -134,12 +148,12 @@ def train_local(
                 # An empty Poisson batch is still a DP step: the update is pure noise.
                 for p in params:
                     p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
-                _step(optimizer, params, anchor, train.lr * proximal_mu)
+                _step(optimizer, params, anchor, proximal_mu)
                 continue
             batch = {k: v.to(device) for k, v in batch.items()}
             loss = per_sample_loss(module, batch, task).mean()
             loss.backward()
-            _step(optimizer, params, anchor, train.lr * proximal_mu)
+            _step(optimizer, params, anchor, proximal_mu)
             losses.append(loss.item())
             seen += n
     finally:

@@ -98,6 +98,11 @@ class TrainConfig(_Section):
     # Expected batch size; with DP the batches are Poisson-sampled at rate batch_size / records.
     batch_size: int = Field(8, gt=0)
     lr: float = Field(2e-3, gt=0)
+    # Step size of a head trained in full next to LoRA (a classifier, PEFT modules_to_save);
+    # None: `lr`. With DP-SGD (plain SGD) one step size cannot fit both: at init on Banking77
+    # the head's per-example gradient is ~18x LoRA's, so a step size that moves the head lets
+    # the noise (the same size on every coordinate) wreck the LoRA matrices.
+    head_lr: float | None = Field(None, gt=0)
     optimizer: Literal["sgd", "adamw"] = "adamw"
     weight_decay: float = Field(0.0, ge=0)
     # Torch threads per site process; 0 means "cores / parallel sites".

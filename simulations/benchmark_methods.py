@@ -67,12 +67,18 @@ class Scale:
     local_steps: int
     batch_size: int
     lr: float  # AdamW, runs without DP
-    # Runs with DP may use their own optimizer and step size (DP-SGD papers tune them apart).
-    # The committed run uses AdamW for both: plain SGD at lr 10, better for a DP linear head on
-    # frozen MiniLM features, let the noisy LoRA steps wreck the encoder (accuracy 0 after two
-    # rounds of federated DP at epsilon 8), and one lr for head and LoRA cannot fit both.
+    # Runs with DP have their own recipe, as in DP-SGD papers: plain SGD, larger Poisson batches
+    # (the noise on the mean gradient falls as 1/batch), LoRA at step size dp_lr and the head
+    # (train.head_lr) at a step size chosen per epsilon among dp_head_lrs, by the proxy of
+    # simulations/dp_step_size.py on tune_records test queries that no reported number uses.
+    # With one step size for both, SGD at a size that moves the head let the noise wreck
+    # LoRA (accuracy 0 after two rounds at epsilon 8); AdamW lr 1e-2 (the earlier recipe) at
+    # batch 64 reached 0.684 at epsilon 8 (results of 2026-12-01, 14:00 UTC).
     dp_optimizer: str
     dp_lr: float
+    dp_batch_size: int
+    dp_head_lrs: tuple[float, ...]  # candidates; () = train.head_lr unset (dp_lr for all)
+    tune_records: int
     max_records_per_bank: int | None
     test_records: int  # stratified-random subset of test.csv used for every final number
     round_eval_records: int  # monitoring during federated runs (first N of that subset)
@@ -100,17 +106,18 @@ class Scale:
 
 
 FULL = Scale(
-    banks=10, rounds=6, local_steps=8, batch_size=64, lr=1e-2, dp_optimizer="adamw", dp_lr=1e-2,
+    banks=10, rounds=6, local_steps=8, batch_size=64, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
+    dp_batch_size=256, dp_head_lrs=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0), tune_records=2580,
     max_records_per_bank=None,
     test_records=500, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
     methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
-    encodings=("fp16", "int8"), head_init="auto", random_head_epsilons=(8.0,),
+    encodings=("fp16", "int8"), head_init="auto", random_head_epsilons=(),
     med_sites=3, med_rounds=2, med_local_steps=3, med_batch_size=4, med_lr=5e-3,
     med_max_length=64, med_records_per_site=32, med_eval_records=32, med_epsilon=8.0,
 )
 QUICK = Scale(
-    banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, dp_optimizer="adamw", dp_lr=1e-2,
-    max_records_per_bank=40,
+    banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
+    dp_batch_size=16, dp_head_lrs=(1.0, 5.0), tune_records=100, max_records_per_bank=40,
     test_records=50, round_eval_records=20, epsilons=(8.0,), methods=("fedavg", "ffa_lora"),
     central_dp_epsilons=(8.0,), local_dp_epsilons=(), encodings=(), head_init="auto",
     random_head_epsilons=(),
@@ -130,6 +137,7 @@ class Result:
     epsilon_spent: float | None = None  # max over sites (federated) / the one model (central)
     note: str = ""
     extra: dict = field(default_factory=dict)
+    origin: str = ""  # for a row kept from an earlier report: the run that measured it
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -198,6 +206,9 @@ class Bench:
         self.overall = progress.add_task("all runs", total=runs)
         self.sub = progress.add_task("", total=1, visible=False)
         self._initial: dict[int, list[np.ndarray]] = {}
+        # DP head step size per (setting, epsilon), chosen by tune_dp_step_sizes
+        self.head_lr: dict[tuple[str, float], float] = {}
+        self.tuning: list[dict] = []
 
     def _start(self, label: str, total: int) -> None:
         self.progress.reset(self.sub, total=total, description=label, visible=True)
@@ -212,9 +223,48 @@ class Bench:
         self.console.log(f"{result.dataset} | {result.setting} {result.method} ({eps}): "
                          f"{shown} [{result.wall_s:.0f} s]")
 
-    def dp_train(self) -> list[str]:
-        """Config overrides of the DP runs' optimizer (see Scale.dp_optimizer)."""
-        return [f"train.optimizer={self.s.dp_optimizer}", f"train.lr={self.s.dp_lr}"]
+    def dp_train(self, setting: str, eps: float) -> list[str]:
+        """Config overrides of a Banking77 DP run's optimizer (see Scale.dp_optimizer)."""
+        lr = self.head_lr.get((setting, eps))
+        return [f"train.optimizer={self.s.dp_optimizer}", f"train.lr={self.s.dp_lr}",
+                f"train.batch_size={self.s.dp_batch_size}",
+                *([f"train.head_lr={lr}"] if lr is not None else [])]
+
+    def tune_dp_step_sizes(self, cfg: RunConfig, rt, bank_files: list[Path],
+                           validation_path: Path) -> None:
+        """Pick the DP head step size of every DP setting on the validation queries."""
+        import torch
+
+        from simulations.dp_step_size import choose_lr, head_of, sentence_features
+
+        s = self.s
+        settings = ([("federated", e) for e in (*s.epsilons, *s.random_head_epsilons)]
+                    + [("centralized", e) for e in s.central_dp_epsilons])
+        if not s.dp_head_lrs or not settings:
+            return
+        self._start("banking77: DP step sizes on validation queries", len(settings))
+        self.reset(rt)
+        banks = [sentence_features(rt.model, self.encode(cfg, rt, [p]), rt.pad_id)
+                 for p in bank_files]
+        validation = sentence_features(rt.model, self.encode(cfg, rt, [validation_path]),
+                                       rt.pad_id)
+        head = head_of(rt.model)
+        pooled = [type(banks[0])(torch.cat([b.x for b in banks]), torch.cat([b.y for b in banks]))]
+        for setting, eps in dict.fromkeys(settings):
+            federated = setting == "federated"
+            lr, scores = choose_lr(
+                head, banks if federated else pooled, validation, candidates=s.dp_head_lrs,
+                rounds=s.rounds if federated else 1,
+                local_steps=s.local_steps * (1 if federated else len(banks)),
+                batch_size=s.dp_batch_size, epsilon=eps, delta=cfg.dp.delta,
+                clip=cfg.dp.max_grad_norm, accountant=cfg.dp.accountant)
+            self.head_lr[(setting, eps)] = lr
+            self.tuning.append({"setting": setting, "epsilon": eps, "head_lr": lr,
+                                "validation_accuracy": scores})
+            self.progress.advance(self.sub)
+            shown = ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items())
+            self.console.log(f"banking77: {setting} DP ε={eps:g}: head lr {lr:g} "
+                             f"(validation accuracy by lr: {shown})")
 
     # -- model-side helpers (in this process)
 
@@ -247,7 +297,7 @@ class Bench:
         return evaluate(rt.model, data, rt.task, rt.pad_id, rt.device, batch_size=32)
 
     def train_alone(self, cfg: RunConfig, rt, data, steps: int, eps: float | None,
-                    seed: int) -> float | None:
+                    seed: int, setting: str) -> float | None:
         """One model on one dataset (a bank alone, or everything pooled): DP-SGD or plain."""
         from client.trainer import poisson_sample_rate, train_local
         from common.privacy import calibrate_noise, check_delta, epsilon
@@ -255,12 +305,12 @@ class Bench:
         self.reset(rt)
         sigma, spent = 0.0, None
         dp = cfg.dp.model_copy(update={"enabled": eps is not None, "target_epsilon": eps})
+        train = cfg.train if eps is None else _with(cfg, *self.dp_train(setting, eps)).train
         if eps is not None:
             check_delta(dp.delta, len(data))
-            q = poisson_sample_rate(len(data), cfg.train.batch_size)
+            q = poisson_sample_rate(len(data), train.batch_size)
             sigma = calibrate_noise(eps, dp.delta, q, steps, dp.accountant)
             spent = epsilon([(sigma, q, steps)], dp.delta, dp.accountant)
-        train = _with(cfg, *self.dp_train()).train if eps is not None else cfg.train
         train_local(rt.model, data, task=rt.task, pad_id=rt.pad_id, device=rt.device,
                     train=train, dp=dp, noise_multiplier=sigma, steps=steps, seed=seed)
         return spent
@@ -279,7 +329,8 @@ class Bench:
                     f"federation.update_encoding={encoding}",
                     *(["dp.enabled=false"] if eps is None else
                       ["dp.enabled=true", f"dp.target_epsilon={eps}",
-                       *(self.dp_train() if dataset == "banking77" else [])]), *overrides)
+                       *(self.dp_train("federated", eps) if dataset == "banking77" else [])]),
+                   *overrides)
         shown = method if encoding == "fp32" else f"{method}, {encoding} upload"
         shown += f", {variant}" if variant else ""
         label = f"{dataset}: federated {shown} " + ("no DP" if eps is None else f"ε={eps:g}")
@@ -315,7 +366,8 @@ class Bench:
 
     # ------------------------------------------------------------------------ Banking77
 
-    def banking77(self, root: Path) -> None:
+    def banking77(self, root: Path, dp_only: bool = False) -> None:
+        """Every Banking77 row; with `dp_only` only the rows with DP (the others are kept)."""
         from common.data import read_records, write_jsonl
         from simulations.runner import prepare_run
 
@@ -324,6 +376,12 @@ class Bench:
         subset = _stratified_subset(test, "category", s.test_records, self.seed)
         eval_path = self.work / "banking77_test_subset.jsonl"
         write_jsonl(eval_path, [r.fields for r in subset])
+        # Validation queries for the DP step sizes: test.csv queries outside that subset
+        reported = {r.line for r in subset}
+        rest = [r for r in test if r.line not in reported]
+        validation_path = self.work / "banking77_validation.jsonl"
+        write_jsonl(validation_path, [r.fields for r in _stratified_subset(
+            rest, "category", min(s.tune_records, len(rest)), self.seed)])
         cfg = load_config(None, [
             f"model.name={MINILM}", "task.kind=classification", "model.max_length=24",
             "lora.r=4", "lora.alpha=8", f"lora.target_modules={json.dumps(MINILM_TARGETS)}",
@@ -348,34 +406,39 @@ class Bench:
         self.console.log(f"Banking77: {len(bank_files)} banks, records {sizes}; test subset "
                          f"{len(test_data)} of {len(test)}")
         steps = s.rounds * s.local_steps  # per bank; the federation does banks x steps
-        t0 = time.time()
-        self.reset(rt)
-        from common.heads import starts_from_label_names
+        no_dp: tuple[float | None, ...] = () if dp_only else (None,)
+        if not dp_only:
+            t0 = time.time()
+            self.reset(rt)
+            from common.heads import starts_from_label_names
 
-        head = ("label-name head (zero-shot)"
-                if starts_from_label_names(cfg.task.head_init, cfg.data.labels) else "random head")
-        self._done(Result("banking77", "base model", f"untrained LoRA + {head}", None,
-                          self.evaluate(rt, test_data), time.time() - t0))
+            head = ("label-name head (zero-shot)"
+                    if starts_from_label_names(cfg.task.head_init, cfg.data.labels)
+                    else "random head")
+            self._done(Result("banking77", "base model", f"untrained LoRA + {head}", None,
+                              self.evaluate(rt, test_data), time.time() - t0))
 
+        self.tune_dp_step_sizes(cfg, rt, bank_files, validation_path)
         pooled = self.encode(cfg, rt, bank_files)
-        for eps in (None, *s.central_dp_epsilons):
+        for eps in (*no_dp, *s.central_dp_epsilons):
             label = "centralized " + ("no DP" if eps is None else f"DP ε={eps:g}")
             self._start(f"banking77: {label}", 1)
             t0 = time.time()
-            spent = self.train_alone(cfg, rt, pooled, steps * len(bank_files), eps, self.seed)
+            spent = self.train_alone(cfg, rt, pooled, steps * len(bank_files), eps, self.seed,
+                                     "centralized")
             self.progress.advance(self.sub)
             self._done(Result("banking77", "centralized", "pooled data", eps,
                               self.evaluate(rt, test_data), time.time() - t0, spent,
                               note=f"{steps * len(bank_files)} steps"))
 
-        for eps in (None, *s.local_dp_epsilons):
+        for eps in (*no_dp, *s.local_dp_epsilons):
             label = "local-only " + ("no DP" if eps is None else f"DP ε={eps:g}")
             self._start(f"banking77: {label}", len(bank_files))
             t0 = time.time()
             per_bank, spent = [], []
             for k, path in enumerate(bank_files):
                 data = self.encode(cfg, rt, [path])
-                e = self.train_alone(cfg, rt, data, steps, eps, self.seed + k)
+                e = self.train_alone(cfg, rt, data, steps, eps, self.seed + k, "local-only")
                 per_bank.append(self.evaluate(rt, test_data))
                 spent.append(e)
                 self.progress.advance(self.sub)
@@ -387,10 +450,10 @@ class Bench:
                               extra={"per_bank": per_bank}))
 
         for method in s.methods:
-            for eps in (None, *s.epsilons):
+            for eps in (*no_dp, *s.epsilons):
                 tag = "nodp" if eps is None else f"eps{eps:g}"
                 self.federated(cfg, f"{method}-{tag}", "banking77", method, eps, test_data)
-        for enc in s.encodings:
+        for enc in () if dp_only else s.encodings:
             self.federated(cfg, f"fedavg-nodp-{enc}", "banking77", "fedavg", None, test_data,
                            encoding=enc)
         for eps in s.random_head_epsilons:
@@ -552,26 +615,43 @@ def checks(results: list[Result]) -> list[str]:
     return lines
 
 
-def _kept_results(path: Path, only: str) -> tuple[list[Result], str]:
-    """With --only, the other dataset's rows of the previous report (and where they came from)."""
-    if only == "all" or not path.exists():
+def _kept_results(path: Path, only: str, dp_only: bool = False) -> tuple[list[Result], str]:
+    """The rows of the previous report that this run does not redo (the other dataset with
+    --only, Banking77's rows without DP with --dp-only), each naming the run that measured it,
+    and a summary of those origins."""
+    if (only == "all" and not dp_only) or not path.exists():
         return [], ""
     old = json.loads(path.read_text())
-    kept = [Result(**r) for r in old["results"] if r["dataset"] != only]
-    if kept and old.get("kept_from") and f"--only {only}" in old["command"]:
-        return kept, old["kept_from"]  # the previous run had kept them too: name their origin
-    return kept, (f"`{old['command']}` ({old.get('date', 'earlier')}, "
-                  f"{old['wall_s'] / 60:.1f} min)") if kept else ""
+    that_run = f"`{old['command']}` ({old.get('date', 'earlier')}, {old['wall_s'] / 60:.1f} min)"
+    kept: list[Result] = []
+    for row in old["results"]:
+        r = Result(**row)
+        if only in ("all", r.dataset) and not (dp_only and r.target_epsilon is None):
+            continue  # this run measures it again
+        if not r.origin:  # reports before per-row origins named one origin for kept rows
+            legacy = old.get("kept_from") and f"--only {r.dataset}" not in old["command"]
+            r = replace(r, origin=old["kept_from"] if legacy else that_run)
+        kept.append(r)
+    groups: dict[str, list[Result]] = {}
+    for r in kept:
+        groups.setdefault(r.origin, []).append(r)
+    summary = "; ".join(
+        f"{len(rows)} {'/'.join(dict.fromkeys(r.dataset for r in rows))} row"
+        f"{'s' if len(rows) > 1 else ''} from {origin}" for origin, rows in groups.items())
+    return kept, summary
 
 
 def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed: int,
                  wall: float, info: dict, command: str, quick: bool,
-                 kept_from: str = "") -> tuple[Path, Path | None]:
+                 kept_from: str = "", tuning: list[dict] | None = None
+                 ) -> tuple[Path, Path | None]:
     out.mkdir(parents=True, exist_ok=True)
+    tuning = tuning or []
     (out / f"{name}.json").write_text(json.dumps({
         "command": command, "seed": seed, "machine": info, "wall_s": wall, "quick": quick,
         "date": time.strftime("%Y-%m-%d %H:%M %Z"), "kept_from": kept_from,
-        "scale": asdict(scale), "results": [asdict(r) for r in results]}, indent=1))
+        "scale": asdict(scale), "dp_step_sizes": tuning,
+        "results": [asdict(r) for r in results]}, indent=1))
     plot = plot_banking77(results, out / f"{name}_banking77.png")
     lines = [
         f"# fedtune benchmark: federated LoRA methods vs privacy{' (quick mode)' if quick else ''}",
@@ -582,7 +662,7 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         f"{info['gpu']}; Python {info['python']}, torch {info['torch']}, Flower {info['flwr']}",
         f"- wall time: {wall / 60:.1f} min in all; per run in the tables",
         f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
-        *([f"- rows of the dataset not re-run (--only) are kept from: {kept_from}"]
+        *([f"- rows not re-run here (--only, --dp-only) are kept from earlier runs: {kept_from}"]
           if kept_from else []),
         "",
         "## Banking77: 77-intent classification, all-MiniLM-L6-v2 + LoRA",
@@ -594,10 +674,10 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         f"same for every row. Queries cut to 24 tokens. LoRA r=4 (α=8) on query/value of "
         f"encoder layers 4-5, mean-pooled unit sentence vector, linear "
         f"classifier (task.head_init={scale.head_init}: started from the label names, a "
-        f"zero-shot head, unless a row says random head) trained; AdamW lr {scale.lr} "
-        f"without DP, {scale.dp_optimizer} lr {scale.dp_lr} with DP, batch "
-        f"{scale.batch_size} (expected, Poisson with DP), {scale.rounds} rounds x "
-        f"{scale.local_steps} local steps. "
+        f"zero-shot head, unless a row says random head) trained. Without DP: AdamW lr "
+        f"{scale.lr}, batch {scale.batch_size}; with DP: {scale.dp_optimizer}, Poisson "
+        f"batches of {scale.dp_batch_size} expected, LoRA lr {scale.dp_lr}, head lr per ε "
+        f"(below); {scale.rounds} rounds x {scale.local_steps} local steps. "
         f"Centralized = the banks' records pooled, trained for banks x rounds x local steps "
         f"steps (the federation's example-gradients); local-only = each bank alone for rounds x "
         f"local steps, its accuracy on the shared test set averaged over banks. DP: "
@@ -620,6 +700,19 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         )
     if plot:
         lines += ["", f"![accuracy vs epsilon]({plot.name})"]
+    if tuning:
+        lrs = sorted({lr for t in tuning for lr in t["validation_accuracy"]})
+        lines += [
+            "", "### DP step size of the head, chosen per ε on validation queries", "",
+            f"{scale.tune_records} test.csv queries outside the reported subset; proxy runs of "
+            "the head alone on frozen sentence vectors, mean of 3 seeds "
+            "(simulations/dp_step_size.py). Validation accuracy by head lr:", "",
+            "| setting | ε | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+            "|---|---|---|" + "---|" * len(lrs),
+            *(f"| {t['setting']} | {t['epsilon']:g} | {t['head_lr']:g} | " + " | ".join(
+                _fmt(t["validation_accuracy"].get(lr), 3) for lr in lrs) + " |"
+              for t in tuning),
+        ]
     lines += [
         "", "## MedQuAD: instruction tuning, SmolLM2-135M-Instruct + LoRA", "",
         f"Sites = the {scale.med_sites} largest NIH `source`s, {scale.med_records_per_site} "
@@ -713,6 +806,9 @@ def main(
     work: Path = typer.Option(None, help="Run directories (default runs/benchmark-<time>)."),
     seed: int = typer.Option(0, help="Data split, sampling and training seed."),
     only: str = typer.Option("all", help="all, banking77 or medquad."),
+    dp_only: bool = typer.Option(
+        False, "--dp-only", help="Re-run only Banking77's DP rows (implies --only banking77); "
+        "the other rows are kept from the previous report, each naming its run."),
     scale_set: list[str] = typer.Option(
         None, "--scale", help="Override a size, e.g. --scale rounds=2 --scale epsilons=1,8 "
         "(fields of Scale; repeatable)."),
@@ -734,6 +830,7 @@ def main(
         console.print(f"[red]datasets not found under {datasets}[/red]")
         raise typer.Exit(2)
     scale = _override(QUICK if quick else FULL, scale_set or [])
+    only = "banking77" if dp_only else only
     out = out or (REPO / "results" / ("quick" if quick else ""))
     work = work or (REPO / "runs" / time.strftime("benchmark-%Y%m%d-%H%M%S"))
     work.mkdir(parents=True, exist_ok=True)
@@ -745,27 +842,28 @@ def main(
     with progress:
         runs = 0
         if only in ("all", "banking77"):
-            runs += (3 + len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
-                     + len(scale.methods) * (1 + len(scale.epsilons)) + len(scale.encodings)
-                     + len(scale.random_head_epsilons))
+            runs += (len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
+                     + len(scale.methods) * len(scale.epsilons) + len(scale.random_head_epsilons))
+            if not dp_only:  # base model, centralized, local-only, federated, encodings
+                runs += 3 + len(scale.methods) + len(scale.encodings)
         if only in ("all", "medquad"):
             runs += 4
         name = "benchmark_methods"
 
-        kept, kept_from = _kept_results(out / f"{name}.json", only)
+        kept, kept_from = _kept_results(out / f"{name}.json", only, dp_only)
 
         def report(results: list[Result]) -> None:
             write_report(out, name, kept + results, scale, seed, time.time() - t0, info, command,
-                         quick, kept_from)
+                         quick, kept_from, bench.tuning)
 
         bench = Bench(scale, work, seed, console, progress, runs, report)
         if only in ("all", "banking77"):
-            bench.banking77(datasets / "banking77")
+            bench.banking77(datasets / "banking77", dp_only)
         if only in ("all", "medquad"):
             bench.medquad(datasets / "medquad" / "medquad.jsonl")
     wall = time.time() - t0
     md, plot = write_report(out, name, kept + bench.results, scale, seed, wall, info, command,
-                            quick, kept_from)
+                            quick, kept_from, bench.tuning)
     console.print(md.read_text(), markup=False, highlight=False)
     console.print(f"results: {md}" + (f", plot: {plot}" if plot else ""))
 

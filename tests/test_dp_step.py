@@ -115,3 +115,36 @@ def test_training_survives_empty_poisson_batches():
         assert all(np.abs(a - b).sum() > 0 for a, b in zip(after, before, strict=True))
     finally:
         set_adapter(rt.model, before)  # the model is cached per process: leave it as found
+
+
+@pytest.mark.parametrize("head_lr", [None, 1.0])
+def test_head_lr_sets_the_step_size_of_the_head_apart_from_lora(head_lr):
+    """train.head_lr puts the classifier (PEFT modules_to_save) in its own optimizer group,
+    also through Opacus' DP optimizer: LoRA keeps train.lr."""
+    from client.trainer import is_head, train_local
+    from common.config import load_config
+    from common.data import EncodedDataset
+    from common.lora import get_adapter, set_adapter, trainable_names
+    from common.runtime import get_runtime
+
+    cfg = load_config(None, ["model.name=all-minilm-l6-v2", "data.labels=['a', 'b']",
+                             "train.batch_size=8", "train.optimizer=sgd", "train.lr=1e-4",
+                             *([f"train.head_lr={head_lr}"] if head_lr else [])])
+    rt = get_runtime(cfg, "classification", 2)
+    ds = EncodedDataset([{"input_ids": rt.tokenizer(f"text {i}")["input_ids"], "labels": i % 2}
+                         for i in range(32)])
+    before = get_adapter(rt.model)
+    try:
+        train_local(rt.model, ds, task="classification", pad_id=rt.pad_id, device=rt.device,
+                    train=cfg.train, dp=cfg.dp, noise_multiplier=1.0, steps=3, seed=0)
+        moved = {n: float(np.abs(a - b).mean()) for n, a, b in
+                 zip(trainable_names(rt.model), get_adapter(rt.model), before, strict=True)}
+    finally:
+        set_adapter(rt.model, before)
+    head = np.mean([v for n, v in moved.items() if is_head(n)])
+    lora_b = np.mean([v for n, v in moved.items() if "lora_B" in n])
+    assert head > 0 and lora_b > 0  # both groups trained (DP noise alone moves every coordinate)
+    if head_lr is None:
+        assert head / lora_b < 100  # one step size: the same order per coordinate
+    else:
+        assert head / lora_b > 1000  # 1e4 apart

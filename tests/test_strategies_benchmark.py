@@ -81,11 +81,25 @@ def test_rows_kept_across_only_runs_name_the_run_that_measured_them(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"command": "python -m x", "date": "D1", "wall_s": 60.0,
                                 "results": [asdict(med), asdict(bank)]}))
-    kept, origin = _kept_results(path, "banking77")
-    assert [r.dataset for r in kept] == ["medquad"] and origin == "`python -m x` (D1, 1.0 min)"
-    # A later --only banking77 run keeps them again: they still come from the first run.
-    path.write_text(json.dumps({"command": "python -m x --only banking77", "date": "D2",
-                                "wall_s": 60.0, "kept_from": origin,
-                                "results": [asdict(med), asdict(bank)]}))
-    assert _kept_results(path, "banking77")[1] == origin
+    kept, summary = _kept_results(path, "banking77")
+    first = "`python -m x` (D1, 1.0 min)"
+    assert [r.dataset for r in kept] == ["medquad"] and kept[0].origin == first
+    assert summary == f"1 medquad row from {first}"
+    # A later --only banking77 run keeps them again: they still come from the first run, also
+    # from a report written before rows carried their origin (one kept_from for all).
+    for row in (asdict(kept[0]), asdict(med)):
+        path.write_text(json.dumps({"command": "python -m x --only banking77", "date": "D2",
+                                    "wall_s": 60.0, "kept_from": first,
+                                    "results": [row, asdict(bank)]}))
+        assert _kept_results(path, "banking77")[0][0].origin == first
     assert _kept_results(path, "all") == ([], "")
+    # --dp-only redoes Banking77's DP rows and keeps its rows without DP (from the D2 run).
+    dp = Result("banking77", "federated", "fedavg", 8.0, {"accuracy": 0.7}, 1.0)
+    path.write_text(json.dumps({"command": "python -m x --only banking77", "date": "D2",
+                                "wall_s": 60.0, "kept_from": first,
+                                "results": [asdict(kept[0]), asdict(bank), asdict(dp)]}))
+    kept, summary = _kept_results(path, "banking77", dp_only=True)
+    assert [(r.dataset, r.target_epsilon) for r in kept] == [("medquad", None),
+                                                             ("banking77", None)]
+    assert kept[1].origin == "`python -m x --only banking77` (D2, 1.0 min)"
+    assert summary.startswith(f"1 medquad row from {first}; 1 banking77 row from")
