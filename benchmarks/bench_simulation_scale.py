@@ -11,7 +11,10 @@ over the rounds (round 1 sampling to the last evaluation; `round_seconds`) and o
 command (Ray start-up, model loading, data preparation included). Local training time is what
 each site measures around `train_local` (`train_seconds`), aggregation what the server measures
 around its aggregation (`aggregation.seconds`), both in metrics.jsonl. The server's held-out
-evaluation counts as overhead here (conservative).
+evaluation counts as overhead here (conservative). The overhead is then split by what the run
+records: the sites' fit calls outside training (data, ledger fsyncs, encoding: `fit_seconds` -
+`train_seconds`, per worker), the server's evaluation (`evaluate_seconds`) and checkpoints
+(`checkpoint_seconds`), and the rest: Flower's message passing and Ray's dispatch.
 
     python benchmarks/bench_simulation_scale.py --sites 10 100 1000
 """
@@ -81,7 +84,15 @@ def run(sites: int, a: argparse.Namespace) -> dict:
     trained = sum(1 for r in rounds for s in r["sites"] if s.get("status") == "ok")
     rounds_wall = sum(r["round_seconds"] for r in rounds)
     useful = train / a.parallel + agg
+    fit_rest = sum(s.get("fit_seconds", 0.0) - s.get("train_seconds", 0.0)
+                   for r in rounds for s in r["sites"] if "fit_seconds" in s) / a.parallel
+    evaluate = sum(r.get("evaluate_seconds", 0.0) for r in rounds)
+    checkpoint = sum(r.get("checkpoint_seconds", 0.0) for r in rounds)
+    split = {"site fit outside training": fit_rest, "server evaluation": evaluate,
+             "server checkpoints": checkpoint,
+             "Flower/Ray messaging (rest)": rounds_wall - useful - fit_rest - evaluate - checkpoint}
     return {"sites": sites, "wall_s": wall, "rounds_wall_s": rounds_wall,
+            "overhead_split_s": split,
             "peak_rss_mib": peak / 2**20, "train_s": train, "aggregate_s": agg,
             "sites_trained": trained, "overhead_rounds": (rounds_wall - useful) / rounds_wall,
             "overhead_total": (wall - useful) / wall, "load": [load0, os.getloadavg()[0]],
@@ -112,6 +123,9 @@ def main() -> None:
               f"{r['aggregate_s']:.2f} s; overhead rounds {r['overhead_rounds']:.1%}, whole "
               f"command {r['overhead_total']:.1%}; load {r['load'][0]:.2f}->{r['load'][1]:.2f}",
               flush=True)
+        print("       overhead of the rounds: " + ", ".join(
+            f"{k} {v:.1f} s ({v / r['rounds_wall_s']:.0%})"
+            for k, v in r["overhead_split_s"].items()), flush=True)
     if len(rows) > 1:
         base = rows[0]
         for r in rows[1:]:

@@ -85,6 +85,7 @@ class FedtuneClient(NumPyClient):
         self.cfg = cfg
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
+        fit_started = time.perf_counter()
         cfg, spec = self.cfg, self.spec
         task = resolve_task(cfg)
         run_id, rnd = str(config["run_id"]), int(config["server_round"])
@@ -136,6 +137,8 @@ class FedtuneClient(NumPyClient):
             delta = encode(delta, encoding)
             metrics[METRIC_KEY] = encoding
         metrics.update(_record_payload(ledger, run_id, rnd, metrics, delta))
+        # All of this call (data, ledger, training, encoding): the rest of a round is the link's
+        metrics["fit_seconds"] = time.perf_counter() - fit_started
         # Site-level DP weighs sites equally, also inside SecAgg+'s weighted sum.
         return delta, 1 if clipped else len(data), metrics
 

@@ -61,6 +61,7 @@ class RunRecorder:
         self._round_started: dict[int, float] = {}
         self._central_dp: dict[int, dict] = {}
         self._aggregation: dict[int, dict] = {}
+        self._checkpoint_seconds: dict[int, float] = {}
 
     def fit_config(self, server_round: int, *, num_rounds: int, local_steps: int) -> dict:
         """Sent to every sampled site with the global adapter (Flower's on_fit_config_fn)."""
@@ -84,10 +85,12 @@ class RunRecorder:
 
     def after_aggregate(self, server_round: int, adapter: NDArrays, sites: list[dict]) -> None:
         """Checkpoint the new global adapter (atomically) in PEFT format."""
+        started = time.perf_counter()
         self._site_metrics[server_round] = sites
         set_adapter(self.rt.model, adapter)
         save_adapter(self.rt.model, self.run_dir / "checkpoints" / f"round-{server_round:04d}")
         save_adapter(self.rt.model, self.adapter_dir)
+        self._checkpoint_seconds[server_round] = time.perf_counter() - started
 
     def record_aggregation(self, server_round: int, info: dict) -> None:
         """Aggregation time and bytes received from the sites (written with the round)."""
@@ -101,9 +104,11 @@ class RunRecorder:
         self, server_round: int, adapter: NDArrays, config: dict
     ) -> tuple[float, dict[str, Scalar]]:
         """Flower's evaluate_fn: held-out metrics of the global adapter (round 0 = before)."""
+        started = time.perf_counter()
         set_adapter(self.rt.model, adapter)
         metrics = evaluate(self.rt.model, self.eval_data, self.rt.task, self.rt.pad_id,
                            self.rt.device)
+        evaluate_seconds = time.perf_counter() - started
         sites = sorted(
             self._site_metrics.pop(server_round, []), key=lambda m: str(m.get("site_id"))
         )
@@ -122,6 +127,10 @@ class RunRecorder:
                 if server_round in self._round_started else None
             ),
             "adapter_norm": float(np.sqrt(sum(float(np.sum(a * a)) for a in adapter))),
+            # Where the server's time went (the site's own in sites[].fit_seconds)
+            "evaluate_seconds": evaluate_seconds,
+            **({"checkpoint_seconds": self._checkpoint_seconds.pop(server_round)}
+               if server_round in self._checkpoint_seconds else {}),
             **({"central_dp": self._central_dp.pop(server_round)}
                if server_round in self._central_dp else {}),
             **({"aggregation": self._aggregation.pop(server_round)}
