@@ -91,8 +91,18 @@ def run(sites: int, a: argparse.Namespace) -> dict:
     split = {"site fit outside training": fit_rest, "server evaluation": evaluate,
              "server checkpoints": checkpoint,
              "Flower/Ray messaging (rest)": rounds_wall - useful - fit_rest - evaluate - checkpoint}
+    # Round 1 also pays each worker's start (imports, model load) on its first message; the
+    # later rounds are what every further round of a long run costs.
+    later = rounds[1:]
+    later_wall = sum(r["round_seconds"] for r in later)
+    later_useful = (sum(s.get("train_seconds", 0.0) for r in later for s in r["sites"])
+                    / a.parallel + sum(r.get("aggregation", {}).get("seconds", 0.0)
+                                       for r in later))
     return {"sites": sites, "wall_s": wall, "rounds_wall_s": rounds_wall,
             "overhead_split_s": split,
+            "overhead_after_round_1": (later_wall - later_useful) / later_wall if later else None,
+            "round_1_s": rounds[0]["round_seconds"],
+            "later_round_s": later_wall / len(later) if later else None,
             "peak_rss_mib": peak / 2**20, "train_s": train, "aggregate_s": agg,
             "sites_trained": trained, "overhead_rounds": (rounds_wall - useful) / rounds_wall,
             "overhead_total": (wall - useful) / wall, "load": [load0, os.getloadavg()[0]],
@@ -123,6 +133,10 @@ def main() -> None:
               f"{r['aggregate_s']:.2f} s; overhead rounds {r['overhead_rounds']:.1%}, whole "
               f"command {r['overhead_total']:.1%}; load {r['load'][0]:.2f}->{r['load'][1]:.2f}",
               flush=True)
+        if r["overhead_after_round_1"] is not None:
+            print(f"       round 1 {r['round_1_s']:.1f} s (workers start), later rounds "
+                  f"{r['later_round_s']:.1f} s each: overhead after round 1 "
+                  f"{r['overhead_after_round_1']:.1%}", flush=True)
         print("       overhead of the rounds: " + ", ".join(
             f"{k} {v:.1f} s ({v / r['rounds_wall_s']:.0%})"
             for k, v in r["overhead_split_s"].items()), flush=True)

@@ -103,6 +103,10 @@ class MeanPoolingClassifier(torch.nn.Module):
             self.classifier.weight.copy_(w.to(self.classifier.weight.dtype))
             self.classifier.bias.zero_()
 
+    def get_input_embeddings(self) -> torch.nn.Module:
+        """The encoder's token embeddings (what Hugging Face tools expect of a model)."""
+        return self.encoder.get_input_embeddings()
+
     def sentence_vector(self, input_ids: torch.Tensor,
                         attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -111,10 +115,16 @@ class MeanPoolingClassifier(torch.nn.Module):
         return torch.nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: object
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None, **_: object
     ) -> SequenceClassifierOutput:
+        """Logits; with `labels` also their mean cross-entropy, as Hugging Face's heads return
+        it (what the Trainer reads). fedtune's own loss is per example (common/tasks.py)."""
         vector = self.sentence_vector(input_ids, attention_mask)
-        return SequenceClassifierOutput(logits=self.logit_scale * self.classifier(vector))
+        logits = self.logit_scale * self.classifier(vector)
+        loss = (None if labels is None
+                else torch.nn.functional.cross_entropy(logits.float(), labels))
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
     @torch.no_grad()
     def init_from_label_names(self, tokenizer, labels: list[str], max_length: int = 32,

@@ -122,3 +122,20 @@ def test_label_name_head_needs_mean_pooling_and_labels():
     with pytest.raises(ModelLoadError, match="data.labels"):
         load_base_model("all-minilm-l6-v2", "classification", num_labels=5,
                         head_init="label_names")
+
+
+def test_mean_pooling_head_returns_the_loss_hugging_face_tools_expect(mean_model):
+    """With labels the head returns their mean cross-entropy (what transformers.Trainer reads),
+    and exposes the encoder's input embeddings."""
+    base, tok = mean_model
+    base.eval()
+    batch = PadCollator(tok.pad_token_id)([{"input_ids": tok(t)["input_ids"], "labels": i}
+                                           for i, t in enumerate(["lost card", "top up"])])
+    with torch.no_grad():
+        out = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   labels=batch["labels"])
+        plain = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert plain.loss is None
+    want = torch.nn.functional.cross_entropy(plain.logits, batch["labels"])
+    torch.testing.assert_close(out.loss, want)
+    assert base.get_input_embeddings() is base.encoder.get_input_embeddings()
