@@ -705,8 +705,9 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         lines += [
             "", "### DP step size of the head, chosen per ε on validation queries", "",
             f"{scale.tune_records} test.csv queries outside the reported subset; proxy runs of "
-            "the head alone on frozen sentence vectors, mean of 3 seeds "
-            "(simulations/dp_step_size.py). Validation accuracy by head lr:", "",
+            "the head alone on frozen sentence vectors of the banks' records, mean of 3 seeds "
+            "(simulations/dp_step_size.py; the tuning itself is not in the sites' ε). "
+            "Validation accuracy by head lr:", "",
             "| setting | ε | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
             "|---|---|---|" + "---|" * len(lrs),
             *(f"| {t['setting']} | {t['epsilon']:g} | {t['head_lr']:g} | " + " | ".join(

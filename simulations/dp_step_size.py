@@ -4,8 +4,10 @@ Under DP-SGD every per-example gradient is clipped to norm C and Gaussian noise 
 added to their sum, so the best step size falls as sigma grows (smaller epsilon, fewer records):
 one step size for every epsilon either wastes epsilon 8 or drowns epsilon 1 in noise. DP papers
 tune it per epsilon (e.g. Li et al., ICLR 2022, "Large Language Models Can Be Strong
-Differentially Private Learners"); the benchmark does so here, on records that none of its
-reported numbers use.
+Differentially Private Learners"); the benchmark does so here, scoring on records that none of
+its reported numbers use. The trial runs train on the banks' records, so (as in those papers)
+the choice is not covered by the sites' epsilon; Papernot & Steinke (ICLR 2022) show how to
+account for it.
 
 The search runs a proxy, not the benchmark's runs: the head alone on the frozen encoder's sentence
 vectors (LoRA starts at B = 0, so the encoder is the base model's), trained by the same mechanism
