@@ -73,7 +73,7 @@ class Scale:
     # simulations/dp_step_size.py on tune_records test queries that no reported number uses.
     # With one step size for both, SGD at a size that moves the head let the noise wreck
     # LoRA (accuracy 0 after two rounds at epsilon 8); AdamW lr 1e-2 (the earlier recipe) at
-    # batch 64 reached 0.684 at epsilon 8 (results of 2026-12-01, 14:00 UTC).
+    # batch 64 reached 0.684 at epsilon 8 (report of 2026-12-01 15:37 UTC).
     dp_optimizer: str
     dp_lr: float
     dp_batch_size: int
