@@ -45,6 +45,12 @@ def tree_rss(proc: psutil.Process) -> int:
     return total
 
 
+def _train_and_aggregation_seconds(rounds: list[dict]) -> tuple[float, float]:
+    """Time inside the sites' local training (summed over sites) and the server's aggregation."""
+    return (sum(s.get("train_seconds", 0.0) for r in rounds for s in r["sites"]),
+            sum(r.get("aggregation", {}).get("seconds", 0.0) for r in rounds))
+
+
 def run(sites: int, a: argparse.Namespace) -> dict:
     name = f"scale-{sites}-{int(time.time())}"
     sets = [
@@ -79,8 +85,7 @@ def run(sites: int, a: argparse.Namespace) -> dict:
     records = [json.loads(x) for x in (Path(a.out) / name / "metrics.jsonl").read_text()
                .splitlines()]
     rounds = [r for r in records if r["round"] > 0]
-    train = sum(s.get("train_seconds", 0.0) for r in rounds for s in r["sites"])
-    agg = sum(r.get("aggregation", {}).get("seconds", 0.0) for r in rounds)
+    train, agg = _train_and_aggregation_seconds(rounds)
     trained = sum(1 for r in rounds for s in r["sites"] if s.get("status") == "ok")
     rounds_wall = sum(r["round_seconds"] for r in rounds)
     useful = train / a.parallel + agg
@@ -95,9 +100,8 @@ def run(sites: int, a: argparse.Namespace) -> dict:
     # later rounds are what every further round of a long run costs.
     later = rounds[1:]
     later_wall = sum(r["round_seconds"] for r in later)
-    later_useful = (sum(s.get("train_seconds", 0.0) for r in later for s in r["sites"])
-                    / a.parallel + sum(r.get("aggregation", {}).get("seconds", 0.0)
-                                       for r in later))
+    later_train, later_agg = _train_and_aggregation_seconds(later)
+    later_useful = later_train / a.parallel + later_agg
     return {"sites": sites, "wall_s": wall, "rounds_wall_s": rounds_wall,
             "overhead_split_s": split,
             "overhead_after_round_1": (later_wall - later_useful) / later_wall if later else None,

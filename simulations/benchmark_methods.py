@@ -235,7 +235,7 @@ class Bench:
         """Pick the DP head step size of every DP setting on the validation queries."""
         import torch
 
-        from simulations.dp_step_size import choose_lr, head_of, sentence_features
+        from simulations.dp_step_size import Features, choose_lr, head_of, sentence_features
 
         s = self.s
         settings = ([("federated", e) for e in (*s.epsilons, *s.random_head_epsilons)]
@@ -249,7 +249,7 @@ class Bench:
         validation = sentence_features(rt.model, self.encode(cfg, rt, [validation_path]),
                                        rt.pad_id)
         head = head_of(rt.model)
-        pooled = [type(banks[0])(torch.cat([b.x for b in banks]), torch.cat([b.y for b in banks]))]
+        pooled = [Features(torch.cat([b.x for b in banks]), torch.cat([b.y for b in banks]))]
         for setting, eps in dict.fromkeys(settings):
             federated = setting == "federated"
             lr, scores = choose_lr(

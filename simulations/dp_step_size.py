@@ -20,12 +20,12 @@ smaller than the head's (measured at init), so the head is what the noise budget
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from client.trainer import poisson_sample_rate
 from common.privacy import calibrate_noise
 
 
@@ -88,7 +88,7 @@ def dp_fedavg_head(head: Head, banks: Sequence[Features], *, rounds: int, local_
         sum_w, sum_b, total = torch.zeros_like(w), torch.zeros_like(b), 0
         for bank in banks:
             n = len(bank.y)
-            q = 1.0 / math.ceil(n / min(batch_size, n))
+            q = poisson_sample_rate(n, batch_size)  # what the sites account
             sigma = calibrate_noise(epsilon, delta, q, steps, accountant)
             lw, lb = w.clone(), b.clone()
             for _ in range(local_steps):
