@@ -73,7 +73,9 @@ class Scale:
     # simulations/dp_step_size.py on tune_records test queries that no reported number uses.
     # With one step size for both, SGD at a size that moves the head let the noise wreck
     # LoRA (accuracy 0 after two rounds at epsilon 8); AdamW lr 1e-2 (the earlier recipe) at
-    # batch 64 reached 0.684 at epsilon 8 (report of 2026-12-01 15:37 UTC).
+    # batch 64 reached 0.684 at epsilon 8 (report of 2026-12-01 15:37 UTC), SGD at batch 256
+    # 0.768 (report of 2026-12-01 18:57 UTC). Batch 512 is twice the compute of 256 for the
+    # same steps (~28 min per federated run on 2 cores).
     dp_optimizer: str
     dp_lr: float
     dp_batch_size: int
@@ -107,7 +109,7 @@ class Scale:
 
 FULL = Scale(
     banks=10, rounds=6, local_steps=8, batch_size=64, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
-    dp_batch_size=256, dp_head_lrs=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0), tune_records=2580,
+    dp_batch_size=512, dp_head_lrs=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0), tune_records=2580,
     max_records_per_bank=None,
     test_records=500, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
     methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
@@ -223,12 +225,17 @@ class Bench:
         self.console.log(f"{result.dataset} | {result.setting} {result.method} ({eps}): "
                          f"{shown} [{result.wall_s:.0f} s]")
 
+    def dp_recipe(self, setting: str, eps: float) -> dict:
+        """A Banking77 DP run's optimizer (see Scale.dp_optimizer); kept with its row."""
+        return {"optimizer": self.s.dp_optimizer, "lr": self.s.dp_lr,
+                "batch_size": self.s.dp_batch_size, "head_lr": self.head_lr.get((setting, eps))}
+
     def dp_train(self, setting: str, eps: float) -> list[str]:
-        """Config overrides of a Banking77 DP run's optimizer (see Scale.dp_optimizer)."""
-        lr = self.head_lr.get((setting, eps))
-        return [f"train.optimizer={self.s.dp_optimizer}", f"train.lr={self.s.dp_lr}",
-                f"train.batch_size={self.s.dp_batch_size}",
-                *([f"train.head_lr={lr}"] if lr is not None else [])]
+        """Config overrides of a Banking77 DP run's optimizer."""
+        r = self.dp_recipe(setting, eps)
+        return [f"train.optimizer={r['optimizer']}", f"train.lr={r['lr']}",
+                f"train.batch_size={r['batch_size']}",
+                *([f"train.head_lr={r['head_lr']}"] if r["head_lr"] is not None else [])]
 
     def tune_dp_step_sizes(self, cfg: RunConfig, rt, bank_files: list[Path],
                            validation_path: Path) -> None:
@@ -260,7 +267,7 @@ class Bench:
                 clip=cfg.dp.max_grad_norm, accountant=cfg.dp.accountant)
             self.head_lr[(setting, eps)] = lr
             self.tuning.append({"setting": setting, "epsilon": eps, "head_lr": lr,
-                                "validation_accuracy": scores})
+                                "batch_size": s.dp_batch_size, "validation_accuracy": scores})
             self.progress.advance(self.sub)
             shown = ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items())
             self.console.log(f"banking77: {setting} DP ε={eps:g}: head lr {lr:g} "
@@ -356,9 +363,11 @@ class Bench:
         eps_spent = [s["epsilon"] for m in records[1:] for s in m["sites"] if "epsilon" in s]
         upload = [m["aggregation"]["upload_bytes"] for m in records[1:]
                   if "upload_bytes" in m.get("aggregation", {})]
+        recipe = ({"dp_recipe": self.dp_recipe("federated", eps)}
+                  if eps is not None and dataset == "banking77" else {})
         result = Result(dataset, "federated", shown, eps, metrics, time.time() - t0,
                         max(eps_spent) if eps_spent else None,
-                        extra={"run_dir": str(prepared.run_dir), "encoding": encoding,
+                        extra={**recipe, "run_dir": str(prepared.run_dir), "encoding": encoding,
                                "upload_bytes_per_round": upload,
                                "rounds": [{"round": m["round"], **m["eval"]} for m in records]})
         self._done(result)
@@ -429,7 +438,9 @@ class Bench:
             self.progress.advance(self.sub)
             self._done(Result("banking77", "centralized", "pooled data", eps,
                               self.evaluate(rt, test_data), time.time() - t0, spent,
-                              note=f"{steps * len(bank_files)} steps"))
+                              note=f"{steps * len(bank_files)} steps",
+                              extra={} if eps is None else {
+                                  "dp_recipe": self.dp_recipe("centralized", eps)}))
 
         for eps in (*no_dp, *s.local_dp_epsilons):
             label = "local-only " + ("no DP" if eps is None else f"DP ε={eps:g}")
@@ -447,7 +458,8 @@ class Bench:
                               time.time() - t0, max(spent) if eps is not None else None,
                               note=f"{steps} steps per bank; best bank accuracy "
                                    f"{max(m['accuracy'] for m in per_bank):.4f}",
-                              extra={"per_bank": per_bank}))
+                              extra={"per_bank": per_bank, **({} if eps is None else {
+                                  "dp_recipe": self.dp_recipe("local-only", eps)})}))
 
         for method in s.methods:
             for eps in (*no_dp, *s.epsilons):
@@ -615,30 +627,66 @@ def checks(results: list[Result]) -> list[str]:
     return lines
 
 
-def _kept_results(path: Path, only: str, dp_only: bool = False) -> tuple[list[Result], str]:
-    """The rows of the previous report that this run does not redo (the other dataset with
-    --only, Banking77's rows without DP with --dp-only), each naming the run that measured it,
-    and a summary of those origins."""
+def _kept_results(path: Path, only: str, dp_only: bool = False
+                  ) -> tuple[list[Result], list[dict]]:
+    """The rows of the previous report that this run may not measure again (the other dataset
+    with --only; with --dp-only every row: the DP rows this run measures replace theirs, see
+    `_merged`), each naming the run that measured it, and that report's DP step-size choices."""
     if (only == "all" and not dp_only) or not path.exists():
-        return [], ""
+        return [], []
     old = json.loads(path.read_text())
     that_run = f"`{old['command']}` ({old.get('date', 'earlier')}, {old['wall_s'] / 60:.1f} min)"
+    old_scale = old.get("scale", {})
+    tuning = [{"batch_size": old_scale.get("dp_batch_size"), **t,  # JSON keys are strings
+               "validation_accuracy": {float(lr): a for lr, a in t["validation_accuracy"].items()}}
+              for t in old.get("dp_step_sizes", [])]
     kept: list[Result] = []
     for row in old["results"]:
         r = Result(**row)
-        if only in ("all", r.dataset) and not (dp_only and r.target_epsilon is None):
+        if only in ("all", r.dataset) and not dp_only:
             continue  # this run measures it again
-        if not r.origin:  # reports before per-row origins named one origin for kept rows
-            legacy = old.get("kept_from") and f"--only {r.dataset}" not in old["command"]
+        if not r.origin:  # measured by that run, or, in a report from before rows carried
+            # their origin, kept by it: then its one kept_from named where from
+            legacy = ("origin" not in row and old.get("kept_from")
+                      and f"--only {r.dataset}" not in old["command"])
+            if (not legacy and r.dataset == "banking77" and r.target_epsilon is not None
+                    and "dp_recipe" not in r.extra and "dp_optimizer" in old_scale):
+                # DP recipe of a report from before rows carried theirs: that run's scale
+                head = next((t["head_lr"] for t in tuning if t["epsilon"] == r.target_epsilon
+                             and t["setting"] == r.setting), None)
+                r.extra = {**r.extra, "dp_recipe": {
+                    "optimizer": old_scale["dp_optimizer"], "lr": old_scale["dp_lr"],
+                    "batch_size": old_scale["dp_batch_size"], "head_lr": head}}
             r = replace(r, origin=old["kept_from"] if legacy else that_run)
         kept.append(r)
+    return kept, tuning
+
+
+def _key(r: Result) -> tuple:
+    return r.dataset, r.setting, r.method, r.target_epsilon
+
+
+def _merged(kept: list[Result], new: list[Result]) -> list[Result]:
+    """The kept rows, each that this run measured again replaced in place, then the new ones."""
+    fresh = {_key(r): r for r in new}
+    rows = [fresh.pop(_key(r), r) for r in kept]
+    return rows + [r for r in new if _key(r) in fresh]
+
+
+def _merged_tuning(kept: list[dict], new: list[dict]) -> list[dict]:
+    chosen = {(t["setting"], t["epsilon"]) for t in new}
+    return [t for t in kept if (t["setting"], t["epsilon"]) not in chosen] + new
+
+
+def _origins(rows: list[Result]) -> str:
+    """Which earlier runs measured the rows that carry an origin, with their counts."""
     groups: dict[str, list[Result]] = {}
-    for r in kept:
-        groups.setdefault(r.origin, []).append(r)
-    summary = "; ".join(
+    for r in rows:
+        if r.origin:
+            groups.setdefault(r.origin, []).append(r)
+    return "; ".join(
         f"{len(rows)} {'/'.join(dict.fromkeys(r.dataset for r in rows))} row"
         f"{'s' if len(rows) > 1 else ''} from {origin}" for origin, rows in groups.items())
-    return kept, summary
 
 
 def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed: int,
@@ -675,26 +723,30 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         f"encoder layers 4-5, mean-pooled unit sentence vector, linear "
         f"classifier (task.head_init={scale.head_init}: started from the label names, a "
         f"zero-shot head, unless a row says random head) trained. Without DP: AdamW lr "
-        f"{scale.lr}, batch {scale.batch_size}; with DP: {scale.dp_optimizer}, Poisson "
-        f"batches of {scale.dp_batch_size} expected, LoRA lr {scale.dp_lr}, head lr per ε "
-        f"(below); {scale.rounds} rounds x {scale.local_steps} local steps. "
+        f"{scale.lr}, batch {scale.batch_size}; with DP: {scale.dp_optimizer}, LoRA lr "
+        f"{scale.dp_lr}, Poisson batches of the expected size in the 'DP batch' column (this "
+        f"run's: {scale.dp_batch_size}), head lr per ε chosen on validation queries (below); "
+        f"{scale.rounds} rounds x {scale.local_steps} local steps. "
         f"Centralized = the banks' records pooled, trained for banks x rounds x local steps "
         f"steps (the federation's example-gradients); local-only = each bank alone for rounds x "
         f"local steps, its accuracy on the shared test set averaged over banks. DP: "
         f"sample-level (ε, δ=1e-5) per site, RDP accountant, clipping norm 1, noise calibrated "
         f"to the whole run; 'ε spent' is what the ledgers recorded (max over sites).",
         "",
-        "| setting | method | target ε | ε spent | accuracy | macro-F1 | loss | upload KB/round "
-        "| wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | method | target ε | ε spent | DP batch, head lr | accuracy | macro-F1 | loss "
+        "| upload KB/round | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.dataset != "banking77":
             continue
         upload = r.extra.get("upload_bytes_per_round")
+        recipe = r.extra.get("dp_recipe")
+        shown = "-" if not recipe else f"{recipe['batch_size']}, " + (
+            "-" if recipe["head_lr"] is None else f"{recipe['head_lr']:g}")
         lines.append(
             f"| {r.setting} | {r.method} | {_eps(r.target_epsilon)}"
-            f" | {_fmt(r.epsilon_spent, 2)} | {_fmt(r.metrics.get('accuracy'))} | "
+            f" | {_fmt(r.epsilon_spent, 2)} | {shown} | {_fmt(r.metrics.get('accuracy'))} | "
             f"{_fmt(r.metrics.get('macro_f1'))} | {_fmt(r.metrics.get('loss'))} | "
             f"{_fmt(float(np.mean(upload)) / 1e3, 1) if upload else '-'} | {r.wall_s:.0f} |"
         )
@@ -708,9 +760,10 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
             "the head alone on frozen sentence vectors of the banks' records, mean of 3 seeds "
             "(simulations/dp_step_size.py; the tuning itself is not in the sites' ε). "
             "Validation accuracy by head lr:", "",
-            "| setting | ε | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
-            "|---|---|---|" + "---|" * len(lrs),
-            *(f"| {t['setting']} | {t['epsilon']:g} | {t['head_lr']:g} | " + " | ".join(
+            "| setting | ε | DP batch | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
+            "|---|---|---|---|" + "---|" * len(lrs),
+            *(f"| {t['setting']} | {t['epsilon']:g} | {t.get('batch_size') or '-'} | "
+              f"{t['head_lr']:g} | " + " | ".join(
                 _fmt(t["validation_accuracy"].get(lr), 3) for lr in lrs) + " |"
               for t in tuning),
         ]
@@ -808,8 +861,9 @@ def main(
     seed: int = typer.Option(0, help="Data split, sampling and training seed."),
     only: str = typer.Option("all", help="all, banking77 or medquad."),
     dp_only: bool = typer.Option(
-        False, "--dp-only", help="Re-run only Banking77's DP rows (implies --only banking77); "
-        "the other rows are kept from the previous report, each naming its run."),
+        False, "--dp-only", help="Re-run only Banking77's DP rows of this scale (implies --only "
+        "banking77; e.g. --scale epsilons=8 for the epsilon-8 rows alone); the other rows are "
+        "kept from the previous report, each naming its run and its DP recipe."),
     scale_set: list[str] = typer.Option(
         None, "--scale", help="Override a size, e.g. --scale rounds=2 --scale epsilons=1,8 "
         "(fields of Scale; repeatable)."),
@@ -851,20 +905,20 @@ def main(
             runs += 4
         name = "benchmark_methods"
 
-        kept, kept_from = _kept_results(out / f"{name}.json", only, dp_only)
+        kept, kept_tuning = _kept_results(out / f"{name}.json", only, dp_only)
 
-        def report(results: list[Result]) -> None:
-            write_report(out, name, kept + results, scale, seed, time.time() - t0, info, command,
-                         quick, kept_from, bench.tuning)
+        def report(results: list[Result], wall: float | None = None) -> tuple[Path, Path | None]:
+            rows = _merged(kept, results)
+            return write_report(out, name, rows, scale, seed,
+                                time.time() - t0 if wall is None else wall, info, command, quick,
+                                _origins(rows), _merged_tuning(kept_tuning, bench.tuning))
 
         bench = Bench(scale, work, seed, console, progress, runs, report)
         if only in ("all", "banking77"):
             bench.banking77(datasets / "banking77", dp_only)
         if only in ("all", "medquad"):
             bench.medquad(datasets / "medquad" / "medquad.jsonl")
-    wall = time.time() - t0
-    md, plot = write_report(out, name, kept + bench.results, scale, seed, wall, info, command,
-                            quick, kept_from, bench.tuning)
+    md, plot = report(bench.results, time.time() - t0)
     console.print(md.read_text(), markup=False, highlight=False)
     console.print(f"results: {md}" + (f", plot: {plot}" if plot else ""))
 

@@ -9,6 +9,10 @@ from simulations.benchmark_methods import (
     QUICK,
     Result,
     _kept_results,
+    _key,
+    _merged,
+    _merged_tuning,
+    _origins,
     _stratified_subset,
     checks,
     plot_banking77,
@@ -55,7 +59,7 @@ def test_report_and_plot_are_written(tmp_path):
     md, plot = write_report(tmp_path, "b", results, QUICK, 0, 12.0, info, "python -m x", True)
     text = md.read_text()
     assert "`python -m x`" in text and "seed: 0" in text and "2 cores" in text
-    assert "| federated | fedavg | 8 | 7.90 | 0.7000 |" in text
+    assert "| federated | fedavg | 8 | 7.90 | - | 0.7000 |" in text
     assert (tmp_path / "b.json").exists() and plot is not None and plot.exists()
 
 
@@ -81,25 +85,60 @@ def test_rows_kept_across_only_runs_name_the_run_that_measured_them(tmp_path):
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"command": "python -m x", "date": "D1", "wall_s": 60.0,
                                 "results": [asdict(med), asdict(bank)]}))
-    kept, summary = _kept_results(path, "banking77")
+    kept, _ = _kept_results(path, "banking77")
     first = "`python -m x` (D1, 1.0 min)"
     assert [r.dataset for r in kept] == ["medquad"] and kept[0].origin == first
-    assert summary == f"1 medquad row from {first}"
+    assert _origins(_merged(kept, [bank])) == f"1 medquad row from {first}"
     # A later --only banking77 run keeps them again: they still come from the first run, also
     # from a report written before rows carried their origin (one kept_from for all).
-    for row in (asdict(kept[0]), asdict(med)):
+    legacy = {k: v for k, v in asdict(med).items() if k != "origin"}
+    for row in (asdict(kept[0]), legacy):
         path.write_text(json.dumps({"command": "python -m x --only banking77", "date": "D2",
                                     "wall_s": 60.0, "kept_from": first,
                                     "results": [row, asdict(bank)]}))
         assert _kept_results(path, "banking77")[0][0].origin == first
-    assert _kept_results(path, "all") == ([], "")
-    # --dp-only redoes Banking77's DP rows and keeps its rows without DP (from the D2 run).
-    dp = Result("banking77", "federated", "fedavg", 8.0, {"accuracy": 0.7}, 1.0)
-    path.write_text(json.dumps({"command": "python -m x --only banking77", "date": "D2",
-                                "wall_s": 60.0, "kept_from": first,
-                                "results": [asdict(kept[0]), asdict(bank), asdict(dp)]}))
-    kept, summary = _kept_results(path, "banking77", dp_only=True)
-    assert [(r.dataset, r.target_epsilon) for r in kept] == [("medquad", None),
-                                                             ("banking77", None)]
-    assert kept[1].origin == "`python -m x --only banking77` (D2, 1.0 min)"
-    assert summary.startswith(f"1 medquad row from {first}; 1 banking77 row from")
+    assert _kept_results(path, "all") == ([], [])
+
+
+def test_dp_only_replaces_the_dp_rows_it_measures_and_keeps_the_rest_with_their_recipe(
+        tmp_path):
+    import json
+    from dataclasses import asdict
+
+    m = lambda acc: {"accuracy": acc, "macro_f1": acc, "loss": 1.0}  # noqa: E731
+    med = Result("medquad", "federated", "fedavg", None, {"loss": 1.7}, 1.0, origin="`D0`")
+    bank = Result("banking77", "federated", "fedavg", None, m(0.8), 1.0)
+    eps1 = Result("banking77", "federated", "fedavg", 1.0, m(0.6), 1.0)
+    eps8 = Result("banking77", "federated", "fedavg", 8.0, m(0.7), 1.0)
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({
+        "command": "python -m x --dp-only", "date": "D2", "wall_s": 60.0, "kept_from": "",
+        "scale": {"dp_optimizer": "sgd", "dp_lr": 0.05, "dp_batch_size": 256},
+        "dp_step_sizes": [{"setting": "federated", "epsilon": e, "head_lr": lr,
+                           "validation_accuracy": {lr: 0.5}} for e, lr in ((1.0, 0.5), (8.0, 5.0))],
+        "results": [asdict(r) for r in (med, bank, eps1, eps8)]}))
+    kept, tuning = _kept_results(path, "banking77", dp_only=True)
+    assert [_key(r) for r in kept] == [_key(r) for r in (med, bank, eps1, eps8)]
+    # rows of a report from before rows carried their DP recipe get that report's
+    assert kept[2].extra["dp_recipe"] == {"optimizer": "sgd", "lr": 0.05, "batch_size": 256,
+                                          "head_lr": 0.5}
+    assert "dp_recipe" not in kept[1].extra and kept[3].extra["dp_recipe"]["head_lr"] == 5.0
+    assert [t["batch_size"] for t in tuning] == [256, 256]
+    # This run measured epsilon 8 again (batch 512): it replaces that row in place, the rest stay.
+    new8 = Result("banking77", "federated", "fedavg", 8.0, m(0.79), 1.0, extra={
+        "dp_recipe": {"optimizer": "sgd", "lr": 0.05, "batch_size": 512, "head_lr": 10.0}})
+    rows = _merged(kept, [new8])
+    assert [r.metrics.get("accuracy") for r in rows] == [None, 0.8, 0.6, 0.79]
+    assert rows[3].origin == "" and rows[2].origin.startswith("`python -m x --dp-only` (D2")
+    assert _origins(rows).startswith("1 medquad row from `D0`; 2 banking77 rows from")
+    new_tuning = [{"setting": "federated", "epsilon": 8.0, "head_lr": 10.0, "batch_size": 512,
+                   "validation_accuracy": {10.0: 0.8}}]
+    assert [(t["epsilon"], t["batch_size"]) for t in _merged_tuning(tuning, new_tuning)] == [
+        (1.0, 256), (8.0, 512)]
+    info = {"cpu": "cpu", "cores": 2, "gpu": "none", "python": "3", "torch": "t", "flwr": "f"}
+    md, _ = write_report(tmp_path, "r", rows, QUICK, 0, 1.0, info, "python -m x", False,
+                         _origins(rows), _merged_tuning(tuning, new_tuning))
+    text = md.read_text()
+    assert "| federated | fedavg | 8 | - | 512, 10 | 0.7900 |" in text
+    assert "| federated | fedavg | 1 | - | 256, 0.5 | 0.6000 |" in text
+    assert "| federated | 8 | 512 | 10 |" in text and "| federated | 1 | 256 | 0.5 |" in text
