@@ -80,6 +80,11 @@ class Scale:
     dp_lr: float
     dp_batch_size: int
     dp_head_lrs: tuple[float, ...]  # candidates; () = train.head_lr unset (dp_lr for all)
+    # A centralized run of the DP recipe with noise 0 (clipping, SGD, batch and step sizes kept;
+    # not private): the DP recipe sees 8x the examples of the AdamW runs without DP, and beat
+    # them (centralized at epsilon 8, batch 512: 0.870 vs 0.862), so the targets are computed
+    # against the better of the two.
+    noise_free_reference: bool
     tune_records: int
     max_records_per_bank: int | None
     test_records: int  # stratified-random subset of test.csv used for every final number
@@ -110,6 +115,7 @@ class Scale:
 FULL = Scale(
     banks=10, rounds=6, local_steps=8, batch_size=64, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
     dp_batch_size=512, dp_head_lrs=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0), tune_records=2580,
+    noise_free_reference=True,
     max_records_per_bank=None,
     test_records=500, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
     methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
@@ -120,12 +126,16 @@ FULL = Scale(
 QUICK = Scale(
     banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
     dp_batch_size=16, dp_head_lrs=(1.0, 5.0), tune_records=100, max_records_per_bank=40,
+    noise_free_reference=True,
     test_records=50, round_eval_records=20, epsilons=(8.0,), methods=("fedavg", "ffa_lora"),
     central_dp_epsilons=(8.0,), local_dp_epsilons=(), encodings=(), head_init="auto",
     random_head_epsilons=(),
     med_sites=2, med_rounds=1, med_local_steps=1, med_batch_size=2, med_lr=5e-3,
     med_max_length=32, med_records_per_site=8, med_eval_records=4, med_epsilon=8.0,
 )
+
+
+NOISE_FREE = "pooled data, DP recipe with noise 0"
 
 
 @dataclass
@@ -225,12 +235,12 @@ class Bench:
         self.console.log(f"{result.dataset} | {result.setting} {result.method} ({eps}): "
                          f"{shown} [{result.wall_s:.0f} s]")
 
-    def dp_recipe(self, setting: str, eps: float) -> dict:
+    def dp_recipe(self, setting: str, eps: float | None) -> dict:
         """A Banking77 DP run's optimizer (see Scale.dp_optimizer); kept with its row."""
         return {"optimizer": self.s.dp_optimizer, "lr": self.s.dp_lr,
                 "batch_size": self.s.dp_batch_size, "head_lr": self.head_lr.get((setting, eps))}
 
-    def dp_train(self, setting: str, eps: float) -> list[str]:
+    def dp_train(self, setting: str, eps: float | None) -> list[str]:
         """Config overrides of a Banking77 DP run's optimizer."""
         r = self.dp_recipe(setting, eps)
         return [f"train.optimizer={r['optimizer']}", f"train.lr={r['lr']}",
@@ -245,8 +255,10 @@ class Bench:
         from simulations.dp_step_size import Features, choose_lr, head_of, sentence_features
 
         s = self.s
-        settings = ([("federated", e) for e in (*s.epsilons, *s.random_head_epsilons)]
-                    + [("centralized", e) for e in s.central_dp_epsilons])
+        settings: list[tuple[str, float | None]] = (
+            [("federated", e) for e in (*s.epsilons, *s.random_head_epsilons)]
+            + [("centralized", e) for e in s.central_dp_epsilons]
+            + ([("centralized", None)] if s.noise_free_reference else []))
         if not s.dp_head_lrs or not settings:
             return
         self._start("banking77: DP step sizes on validation queries", len(settings))
@@ -270,7 +282,8 @@ class Bench:
                                 "batch_size": s.dp_batch_size, "validation_accuracy": scores})
             self.progress.advance(self.sub)
             shown = ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items())
-            self.console.log(f"banking77: {setting} DP ε={eps:g}: head lr {lr:g} "
+            shown_eps = "noise 0" if eps is None else f"ε={eps:g}"
+            self.console.log(f"banking77: {setting} DP {shown_eps}: head lr {lr:g} "
                              f"(validation accuracy by lr: {shown})")
 
     # -- model-side helpers (in this process)
@@ -304,15 +317,17 @@ class Bench:
         return evaluate(rt.model, data, rt.task, rt.pad_id, rt.device, batch_size=32)
 
     def train_alone(self, cfg: RunConfig, rt, data, steps: int, eps: float | None,
-                    seed: int, setting: str) -> float | None:
-        """One model on one dataset (a bank alone, or everything pooled): DP-SGD or plain."""
+                    seed: int, setting: str, noise_free: bool = False) -> float | None:
+        """One model on one dataset (a bank alone, or everything pooled): DP-SGD or plain;
+        `noise_free`: the DP recipe with noise 0 (not private)."""
         from client.trainer import poisson_sample_rate, train_local
         from common.privacy import calibrate_noise, check_delta, epsilon
 
         self.reset(rt)
         sigma, spent = 0.0, None
-        dp = cfg.dp.model_copy(update={"enabled": eps is not None, "target_epsilon": eps})
-        train = cfg.train if eps is None else _with(cfg, *self.dp_train(setting, eps)).train
+        dp_recipe = eps is not None or noise_free
+        dp = cfg.dp.model_copy(update={"enabled": dp_recipe, "target_epsilon": eps})
+        train = _with(cfg, *self.dp_train(setting, eps)).train if dp_recipe else cfg.train
         if eps is not None:
             check_delta(dp.delta, len(data))
             q = poisson_sample_rate(len(data), train.batch_size)
@@ -441,6 +456,16 @@ class Bench:
                               note=f"{steps * len(bank_files)} steps",
                               extra={} if eps is None else {
                                   "dp_recipe": self.dp_recipe("centralized", eps)}))
+        if s.noise_free_reference:
+            self._start("banking77: centralized, DP recipe with noise 0", 1)
+            t0 = time.time()
+            self.train_alone(cfg, rt, pooled, steps * len(bank_files), None, self.seed,
+                             "centralized", noise_free=True)
+            self.progress.advance(self.sub)
+            self._done(Result("banking77", "centralized", NOISE_FREE, None,
+                              self.evaluate(rt, test_data), time.time() - t0,
+                              note=f"{steps * len(bank_files)} steps; clipping, no noise",
+                              extra={"dp_recipe": self.dp_recipe("centralized", None)}))
 
         for eps in (*no_dp, *s.local_dp_epsilons):
             label = "local-only " + ("no DP" if eps is None else f"DP ε={eps:g}")
@@ -570,6 +595,10 @@ def _eps(e: float | None) -> str:
     return "no DP" if e is None else f"{e:g}"
 
 
+def _tuned_eps(e: float | None) -> str:
+    return "noise 0" if e is None else f"{e:g}"
+
+
 def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
@@ -577,8 +606,9 @@ def _fmt(v: float | None, digits: int = 4) -> str:
 def checks(results: list[Result]) -> list[str]:
     """The issue's targets, computed from the measured numbers."""
     bank = [r for r in results if r.dataset == "banking77"]
-    central = next((r for r in bank if r.setting == "centralized" and r.target_epsilon is None),
-                   None)
+    # the better centralized run without DP: the AdamW recipe or the DP one with noise 0
+    central = max((r for r in bank if r.setting == "centralized" and r.target_epsilon is None),
+                  key=lambda r: r.metrics["accuracy"], default=None)
     local = next((r for r in bank if r.setting == "local-only" and r.target_epsilon is None), None)
     lines = []
     for r in bank:
@@ -588,7 +618,8 @@ def checks(results: list[Result]) -> list[str]:
         eps = "no DP" if r.target_epsilon is None else f"ε={r.target_epsilon:g}"
         verdict = "meets" if ratio >= 0.9 else "misses"
         line = (f"- {r.method} {eps}: accuracy {r.metrics['accuracy']:.4f} = {ratio:.1%} of "
-                f"centralized non-DP ({central.metrics['accuracy']:.4f})")
+                f"centralized non-DP ({central.metrics['accuracy']:.4f}"
+                + (", the DP recipe with noise 0)" if central.method == NOISE_FREE else ")"))
         if r.target_epsilon == 8.0:
             line += f" — {verdict} the ≥ 90% target"
         if local is not None:
@@ -762,7 +793,7 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
             "Validation accuracy by head lr:", "",
             "| setting | ε | DP batch | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
             "|---|---|---|---|" + "---|" * len(lrs),
-            *(f"| {t['setting']} | {t['epsilon']:g} | {t.get('batch_size') or '-'} | "
+            *(f"| {t['setting']} | {_tuned_eps(t['epsilon'])} | {t.get('batch_size') or '-'} | "
               f"{t['head_lr']:g} | " + " | ".join(
                 _fmt(t["validation_accuracy"].get(lr), 3) for lr in lrs) + " |"
               for t in tuning),
@@ -826,7 +857,10 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
               ("base model", None): ("tab:gray", "-.")}
     for r in bank:
         key = (r.setting, r.target_epsilon)
-        if key in styles:
+        if r.method == NOISE_FREE:
+            ax.axhline(r.metrics["accuracy"], color="tab:gray", ls="--",
+                       label="centralized, DP recipe with noise 0")
+        elif key in styles:
             color, ls = styles[key]
             name = "untrained (start)" if r.setting == "base model" else f"{r.setting}, no DP"
             ax.axhline(r.metrics["accuracy"], color=color, ls=ls, label=name)
@@ -834,6 +868,11 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
             ax.plot([r.target_epsilon], [r.metrics["accuracy"]], marker="s", ls="none",
                     color="k" if r.setting == "centralized" else "tab:red",
                     label=f"{r.setting}, DP ε={r.target_epsilon:g}")
+    reference = max((r.metrics["accuracy"] for r in bank
+                     if r.setting == "centralized" and r.target_epsilon is None), default=None)
+    if reference is not None:  # what checks() holds the federated DP runs to
+        ax.axhline(0.9 * reference, color="tab:green", ls=(0, (1, 3)),
+                   label="target: 90% of centralized no DP")
     ax.set_xscale("log")
     ticks = [*dp_eps, inf_x]
     ax.set_xticks(ticks, [f"{e:g}" for e in dp_eps] + ["no DP"])
@@ -899,6 +938,7 @@ def main(
         if only in ("all", "banking77"):
             runs += (len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
                      + len(scale.methods) * len(scale.epsilons) + len(scale.random_head_epsilons))
+            runs += int(scale.noise_free_reference)
             if not dp_only:  # base model, centralized, local-only, federated, encodings
                 runs += 3 + len(scale.methods) + len(scale.encodings)
         if only in ("all", "medquad"):

@@ -78,9 +78,10 @@ def head_of(model: torch.nn.Module) -> Head:
 
 
 def dp_fedavg_head(head: Head, banks: Sequence[Features], *, rounds: int, local_steps: int,
-                   batch_size: int, lr: float, epsilon: float, delta: float, clip: float,
+                   batch_size: int, lr: float, epsilon: float | None, delta: float, clip: float,
                    seed: int, accountant: str = "rdp") -> Head:
-    """Federated DP-SGD (plain SGD at each bank) of the head alone; one bank = centralized."""
+    """Federated DP-SGD (plain SGD at each bank) of the head alone; one bank = centralized.
+    epsilon None: the same with noise 0 (clipping kept), a non-private reference."""
     gen = torch.Generator().manual_seed(seed)
     w, b = head.weight.clone(), head.bias.clone()
     steps = rounds * local_steps
@@ -89,7 +90,8 @@ def dp_fedavg_head(head: Head, banks: Sequence[Features], *, rounds: int, local_
         for bank in banks:
             n = len(bank.y)
             q = poisson_sample_rate(n, batch_size)  # what the sites account
-            sigma = calibrate_noise(epsilon, delta, q, steps, accountant)
+            sigma = (0.0 if epsilon is None
+                     else calibrate_noise(epsilon, delta, q, steps, accountant))
             lw, lb = w.clone(), b.clone()
             for _ in range(local_steps):
                 pick = (torch.rand(n, generator=gen) < q).nonzero().squeeze(1)

@@ -6,6 +6,7 @@ from collections import Counter
 
 from common.data import Record
 from simulations.benchmark_methods import (
+    NOISE_FREE,
     QUICK,
     Result,
     _kept_results,
@@ -49,6 +50,17 @@ def test_targets_are_computed_from_the_measurements():
     bad = "\n".join(checks(_results(0.40)))
     assert "50.0% of centralized" in bad and "misses the ≥ 90% target" in bad
     assert "does not beat local-only" in bad
+
+
+def test_targets_hold_to_the_better_centralized_run_without_dp(tmp_path):
+    m = lambda acc: {"accuracy": acc, "macro_f1": acc, "loss": 1.0}  # noqa: E731
+    rows = [*_results(0.76),
+            Result("banking77", "centralized", NOISE_FREE, None, m(0.95), 1.0)]
+    lines = "\n".join(checks(rows))
+    assert "= 80.0% of centralized non-DP (0.9500, the DP recipe with noise 0)" in lines
+    assert "misses the ≥ 90% target" in lines
+    png = plot_banking77(rows, tmp_path / "p.png")
+    assert png is not None and png.stat().st_size > 1000
 
 
 def test_report_and_plot_are_written(tmp_path):
