@@ -282,7 +282,7 @@ class Bench:
                                 "batch_size": s.dp_batch_size, "validation_accuracy": scores})
             self.progress.advance(self.sub)
             shown = ", ".join(f"{k:g}: {v:.3f}" for k, v in scores.items())
-            shown_eps = "noise 0" if eps is None else f"ε={eps:g}"
+            shown_eps = "recipe with noise 0" if eps is None else f"ε={eps:g}"
             self.console.log(f"banking77: {setting} DP {shown_eps}: head lr {lr:g} "
                              f"(validation accuracy by lr: {shown})")
 
