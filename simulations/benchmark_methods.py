@@ -853,7 +853,7 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
         xs = [inf_x if r.target_epsilon is None else r.target_epsilon for r in rows]
         ax.plot(xs, [r.metrics["accuracy"] for r in rows], marker="o",
                 label=f"federated {method}")
-    styles = {("centralized", None): ("k", "--"), ("local-only", None): ("tab:red", ":"),
+    styles = {("centralized", None): ("k", "--"), ("local-only", None): ("tab:purple", ":"),
               ("base model", None): ("tab:gray", "-.")}
     for r in bank:
         key = (r.setting, r.target_epsilon)
@@ -866,7 +866,7 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
             ax.axhline(r.metrics["accuracy"], color=color, ls=ls, label=name)
         elif r.setting in ("centralized", "local-only") and r.target_epsilon is not None:
             ax.plot([r.target_epsilon], [r.metrics["accuracy"]], marker="s", ls="none",
-                    color="k" if r.setting == "centralized" else "tab:red",
+                    color="k" if r.setting == "centralized" else "tab:purple",
                     label=f"{r.setting}, DP ε={r.target_epsilon:g}")
     reference = max((r.metrics["accuracy"] for r in bank
                      if r.setting == "centralized" and r.target_epsilon is None), default=None)
