@@ -603,12 +603,17 @@ def _fmt(v: float | None, digits: int = 4) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
 
 
+def _reference(bank: list[Result]) -> Result | None:
+    """What the federated runs are held to: the better centralized run without DP (the AdamW
+    recipe or the DP one with noise 0)."""
+    return max((r for r in bank if r.setting == "centralized" and r.target_epsilon is None),
+               key=lambda r: r.metrics["accuracy"], default=None)
+
+
 def checks(results: list[Result]) -> list[str]:
     """The issue's targets, computed from the measured numbers."""
     bank = [r for r in results if r.dataset == "banking77"]
-    # the better centralized run without DP: the AdamW recipe or the DP one with noise 0
-    central = max((r for r in bank if r.setting == "centralized" and r.target_epsilon is None),
-                  key=lambda r: r.metrics["accuracy"], default=None)
+    central = _reference(bank)
     local = next((r for r in bank if r.setting == "local-only" and r.target_epsilon is None), None)
     lines = []
     for r in bank:
@@ -716,8 +721,8 @@ def _origins(rows: list[Result]) -> str:
         if r.origin:
             groups.setdefault(r.origin, []).append(r)
     return "; ".join(
-        f"{len(rows)} {'/'.join(dict.fromkeys(r.dataset for r in rows))} row"
-        f"{'s' if len(rows) > 1 else ''} from {origin}" for origin, rows in groups.items())
+        f"{len(group)} {'/'.join(dict.fromkeys(r.dataset for r in group))} row"
+        f"{'s' if len(group) > 1 else ''} from {origin}" for origin, group in groups.items())
 
 
 def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed: int,
@@ -868,10 +873,9 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
             ax.plot([r.target_epsilon], [r.metrics["accuracy"]], marker="s", ls="none",
                     color="k" if r.setting == "centralized" else "tab:purple",
                     label=f"{r.setting}, DP ε={r.target_epsilon:g}")
-    reference = max((r.metrics["accuracy"] for r in bank
-                     if r.setting == "centralized" and r.target_epsilon is None), default=None)
-    if reference is not None:  # what checks() holds the federated DP runs to
-        ax.axhline(0.9 * reference, color="tab:green", ls=(0, (1, 3)),
+    reference = _reference(bank)
+    if reference is not None:
+        ax.axhline(0.9 * reference.metrics["accuracy"], color="tab:green", ls=(0, (1, 3)),
                    label="target: 90% of centralized no DP")
     ax.set_xscale("log")
     ticks = [*dp_eps, inf_x]
