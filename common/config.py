@@ -109,7 +109,9 @@ class TrainConfig(_Section):
     threads: int = Field(0, ge=0)
 
 
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedyogi", "ffa_lora", "product_svd"]
+StrategyName = Literal[
+    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "ffa_lora", "product_svd",
+]
 STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__
 # Strategies that train and send only LoRA's B: A stays at its seeded random init (FFA-LoRA).
 FROZEN_A_STRATEGIES = frozenset({"ffa_lora"})
@@ -124,8 +126,12 @@ class FederationConfig(_Section):
     strategy: StrategyName = "fedavg"
     # FedProx: weight mu of the proximal term mu/2 ||w - w_global||^2 on the site's LoRA params.
     proximal_mu: float = Field(0.01, ge=0)
-    # FedAdam / FedYogi server optimizer (Reddi et al., 2021): step size, moments, adaptivity.
-    server_lr: float = Field(1e-2, gt=0)
+    # Server step size: FedAdam / FedYogi (Reddi et al., 2021; None = 1e-2) and FedAvgM
+    # (None = 1).
+    server_lr: float | None = Field(None, gt=0)
+    # FedAvgM (Hsu et al., 2019): momentum of the server's buffer of mean deltas.
+    server_momentum: float = Field(0.9, ge=0, lt=1)
+    # FedAdam / FedYogi: moments and adaptivity.
     server_beta1: float = Field(0.9, ge=0, lt=1)
     server_beta2: float = Field(0.99, ge=0, lt=1)
     server_tau: float = Field(1e-3, gt=0)
@@ -187,7 +193,7 @@ class FederationConfig(_Section):
             raise ValueError(
                 "strategy 'product_svd' multiplies each site's B and A, so it needs the "
                 "individual updates; SecAgg+ reveals only their sum. Turn federation.secagg "
-                "off or choose fedavg / fedprox / fedadam / fedyogi / ffa_lora"
+                "off or choose fedavg / fedavgm / fedprox / fedadam / fedyogi / ffa_lora"
             )
         return self
 

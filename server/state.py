@@ -4,8 +4,9 @@ After every completed round (aggregated, checkpointed, evaluated, its metrics li
 ServerApp writes `<run_dir>/server_state.npz`, atomically (temporary file, fsync, rename, fsync of
 the directory): the fedtune run id, the last completed round, which checkpoint holds the current
 global adapter (`checkpoints/round-NNNN`, PEFT format; 0 = the seeded initial adapter) and the
-strategy's own state (FedAdam/FedYogi moments, the adaptive clipping norm and the accountant of
-site-level DP). A kill at any moment leaves either the previous state or the new one.
+strategy's own state (FedAdam/FedYogi moments, FedAvgM's momentum buffer, the adaptive clipping
+norm and the accountant of site-level DP). A kill at any moment leaves either the previous state
+or the new one.
 
 On resume (`prepare_resume`) everything an interrupted round may have left behind is undone
 first: checkpoints newer than the state, metrics lines of rounds after it, temporary directories
@@ -32,9 +33,10 @@ from common.atomic import atomic_write, atomic_write_text
 STATE_FILE = "server_state.npz"
 FORMAT = 1
 # Attributes that carry a strategy's memory across rounds, on the strategy or any strategy it
-# wraps (`.strategy`): Flower's FedAdam/FedYogi moments, the (adaptive) clipping norm of the DP
-# wrappers, and fedtune's site-level DP accountant (server/strategy/central_dp.py).
-STATEFUL_ATTRS = ("m_t", "v_t", "clipping_norm", "releases")
+# wraps (`.strategy`): Flower's FedAdam/FedYogi moments and FedAvgM's momentum buffer, the
+# (adaptive) clipping norm of the DP wrappers, and fedtune's site-level DP accountant
+# (server/strategy/central_dp.py).
+STATEFUL_ATTRS = ("m_t", "v_t", "momentum_vector", "clipping_norm", "releases")
 
 
 class ResumeError(ValueError):

@@ -85,6 +85,17 @@ class Scale:
     # them (centralized at epsilon 8, batch 512: 0.870 vs 0.862), so the targets are computed
     # against the better of the two.
     noise_free_reference: bool
+    # FedAvgM (server/strategy/fedavgm.py) runs at every epsilon, with DP only (its recipe is
+    # the DP one's): DP-FedAvg with server momentum as in McMahan et al. (ICLR 2018), in
+    # dp_momentum_rounds rounds of fewer local steps each (the same steps per bank in all:
+    # rounds x local_steps), momentum dp_server_momentum, and the sites' step sizes (LoRA's and
+    # the head candidates) x (1 - momentum), so that a steady delta moves the adapter as far
+    # as under FedAvg. The head-alone proxy (simulations/dp_step_size.py) at epsilon 8, batch
+    # 512, on validation queries: 0.817 for FedAvg 6 x 8, 0.832 with momentum 0.5, 0.851 for
+    # momentum 0.9 in 48 rounds x 1 step (FedAvg 48 x 1: 0.825).
+    dp_fedavgm: bool
+    dp_server_momentum: float
+    dp_momentum_rounds: int
     tune_records: int
     max_records_per_bank: int | None
     test_records: int  # stratified-random subset of test.csv used for every final number
@@ -115,7 +126,7 @@ class Scale:
 FULL = Scale(
     banks=10, rounds=6, local_steps=8, batch_size=64, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
     dp_batch_size=512, dp_head_lrs=(0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0), tune_records=2580,
-    noise_free_reference=True,
+    noise_free_reference=True, dp_fedavgm=True, dp_server_momentum=0.9, dp_momentum_rounds=48,
     max_records_per_bank=None,
     test_records=500, round_eval_records=50, epsilons=(1.0, 3.0, 8.0),
     methods=("fedavg", "ffa_lora"), central_dp_epsilons=(8.0,), local_dp_epsilons=(),
@@ -126,7 +137,7 @@ FULL = Scale(
 QUICK = Scale(
     banks=10, rounds=1, local_steps=2, batch_size=8, lr=1e-2, dp_optimizer="sgd", dp_lr=0.05,
     dp_batch_size=16, dp_head_lrs=(1.0, 5.0), tune_records=100, max_records_per_bank=40,
-    noise_free_reference=True,
+    noise_free_reference=True, dp_fedavgm=True, dp_server_momentum=0.9, dp_momentum_rounds=2,
     test_records=50, round_eval_records=20, epsilons=(8.0,), methods=("fedavg", "ffa_lora"),
     central_dp_epsilons=(8.0,), local_dp_epsilons=(), encodings=(), head_init="auto",
     random_head_epsilons=(),
@@ -136,6 +147,12 @@ QUICK = Scale(
 
 
 NOISE_FREE = "pooled data, DP recipe with noise 0"
+MOMENTUM = "fedavgm"  # the method with DP runs only, in its own schedule (Scale.dp_fedavgm)
+
+
+def _tuning_setting(setting: str, method: str) -> str:
+    """The head step size's key: FedAvgM's schedule and momentum need their own."""
+    return f"{setting}, {method}" if method == MOMENTUM else setting
 
 
 @dataclass
@@ -235,17 +252,28 @@ class Bench:
         self.console.log(f"{result.dataset} | {result.setting} {result.method} ({eps}): "
                          f"{shown} [{result.wall_s:.0f} s]")
 
-    def dp_recipe(self, setting: str, eps: float | None) -> dict:
-        """A Banking77 DP run's optimizer (see Scale.dp_optimizer); kept with its row."""
-        return {"optimizer": self.s.dp_optimizer, "lr": self.s.dp_lr,
-                "batch_size": self.s.dp_batch_size, "head_lr": self.head_lr.get((setting, eps))}
+    def dp_recipe(self, setting: str, eps: float | None, method: str = "") -> dict:
+        """A Banking77 DP run's optimizer (see Scale.dp_optimizer) and, for FedAvgM, its
+        schedule and momentum (Scale.dp_fedavgm); kept with its row."""
+        s = self.s
+        recipe = {"optimizer": s.dp_optimizer, "lr": s.dp_lr, "batch_size": s.dp_batch_size,
+                  "head_lr": self.head_lr.get((_tuning_setting(setting, method), eps))}
+        if method == MOMENTUM:
+            recipe |= {"lr": round(s.dp_lr * (1 - s.dp_server_momentum), 12),
+                       "rounds": s.dp_momentum_rounds,
+                       "local_steps": s.rounds * s.local_steps // s.dp_momentum_rounds,
+                       "server_momentum": s.dp_server_momentum}
+        return recipe
 
-    def dp_train(self, setting: str, eps: float | None) -> list[str]:
-        """Config overrides of a Banking77 DP run's optimizer."""
-        r = self.dp_recipe(setting, eps)
+    def dp_train(self, setting: str, eps: float | None, method: str = "") -> list[str]:
+        """Config overrides of a Banking77 DP run's optimizer (and FedAvgM's schedule)."""
+        r = self.dp_recipe(setting, eps, method)
         return [f"train.optimizer={r['optimizer']}", f"train.lr={r['lr']}",
                 f"train.batch_size={r['batch_size']}",
-                *([f"train.head_lr={r['head_lr']}"] if r["head_lr"] is not None else [])]
+                *([f"train.head_lr={r['head_lr']}"] if r["head_lr"] is not None else []),
+                *([f"federation.rounds={r['rounds']}", f"train.local_steps={r['local_steps']}",
+                   f"federation.server_momentum={r['server_momentum']}"]
+                  if "server_momentum" in r else [])]
 
     def tune_dp_step_sizes(self, cfg: RunConfig, rt, bank_files: list[Path],
                            validation_path: Path) -> None:
@@ -255,10 +283,11 @@ class Bench:
         from simulations.dp_step_size import Features, choose_lr, head_of, sentence_features
 
         s = self.s
-        settings: list[tuple[str, float | None]] = (
-            [("federated", e) for e in (*s.epsilons, *s.random_head_epsilons)]
-            + [("centralized", e) for e in s.central_dp_epsilons]
-            + ([("centralized", None)] if s.noise_free_reference else []))
+        settings: list[tuple[str, float | None, str]] = (
+            [("federated", e, "") for e in (*s.epsilons, *s.random_head_epsilons)]
+            + ([("federated", e, MOMENTUM) for e in s.epsilons] if s.dp_fedavgm else [])
+            + [("centralized", e, "") for e in s.central_dp_epsilons]
+            + ([("centralized", None, "")] if s.noise_free_reference else []))
         if not s.dp_head_lrs or not settings:
             return
         self._start("banking77: DP step sizes on validation queries", len(settings))
@@ -269,14 +298,21 @@ class Bench:
                                        rt.pad_id)
         head = head_of(rt.model)
         pooled = [Features(torch.cat([b.x for b in banks]), torch.cat([b.y for b in banks]))]
-        for setting, eps in dict.fromkeys(settings):
+        for setting, eps, method in dict.fromkeys(settings):
             federated = setting == "federated"
+            schedule: dict = {"rounds": s.rounds if federated else 1,
+                              "local_steps": s.local_steps * (1 if federated else len(banks))}
+            keep = 1.0  # of the step sizes
+            if method == MOMENTUM:
+                r = self.dp_recipe(setting, eps, method)
+                schedule = {k: r[k] for k in ("rounds", "local_steps", "server_momentum")}
+                keep = 1 - r["server_momentum"]
             lr, scores = choose_lr(
-                head, banks if federated else pooled, validation, candidates=s.dp_head_lrs,
-                rounds=s.rounds if federated else 1,
-                local_steps=s.local_steps * (1 if federated else len(banks)),
+                head, banks if federated else pooled, validation,
+                candidates=[round(lr * keep, 12) for lr in s.dp_head_lrs], **schedule,
                 batch_size=s.dp_batch_size, epsilon=eps, delta=cfg.dp.delta,
                 clip=cfg.dp.max_grad_norm, accountant=cfg.dp.accountant)
+            setting = _tuning_setting(setting, method)
             self.head_lr[(setting, eps)] = lr
             self.tuning.append({"setting": setting, "epsilon": eps, "head_lr": lr,
                                 "batch_size": s.dp_batch_size, "validation_accuracy": scores})
@@ -351,7 +387,8 @@ class Bench:
                     f"federation.update_encoding={encoding}",
                     *(["dp.enabled=false"] if eps is None else
                       ["dp.enabled=true", f"dp.target_epsilon={eps}",
-                       *(self.dp_train("federated", eps) if dataset == "banking77" else [])]),
+                       *(self.dp_train("federated", eps, method)
+                         if dataset == "banking77" else [])]),
                    *overrides)
         shown = method if encoding == "fp32" else f"{method}, {encoding} upload"
         shown += f", {variant}" if variant else ""
@@ -378,7 +415,7 @@ class Bench:
         eps_spent = [s["epsilon"] for m in records[1:] for s in m["sites"] if "epsilon" in s]
         upload = [m["aggregation"]["upload_bytes"] for m in records[1:]
                   if "upload_bytes" in m.get("aggregation", {})]
-        recipe = ({"dp_recipe": self.dp_recipe("federated", eps)}
+        recipe = ({"dp_recipe": self.dp_recipe("federated", eps, method)}
                   if eps is not None and dataset == "banking77" else {})
         result = Result(dataset, "federated", shown, eps, metrics, time.time() - t0,
                         max(eps_spent) if eps_spent else None,
@@ -490,6 +527,8 @@ class Bench:
             for eps in (*no_dp, *s.epsilons):
                 tag = "nodp" if eps is None else f"eps{eps:g}"
                 self.federated(cfg, f"{method}-{tag}", "banking77", method, eps, test_data)
+        for eps in s.epsilons if s.dp_fedavgm else ():
+            self.federated(cfg, f"{MOMENTUM}-eps{eps:g}", "banking77", MOMENTUM, eps, test_data)
         for enc in () if dp_only else s.encodings:
             self.federated(cfg, f"fedavg-nodp-{enc}", "banking77", "fedavg", None, test_data,
                            encoding=enc)
@@ -573,6 +612,8 @@ def _override(scale: Scale, items: list[str]) -> Scale:
                 value = tuple(float(x) for x in value)  # type: ignore[union-attr]
         elif raw.lower() == "none":
             value = None
+        elif isinstance(current, bool):
+            value = raw.lower() in ("1", "true", "yes", "on")
         elif isinstance(current, float):
             value = float(raw)
         else:
@@ -762,12 +803,17 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         f"{scale.lr}, batch {scale.batch_size}; with DP: {scale.dp_optimizer}, LoRA lr "
         f"{scale.dp_lr}, Poisson batches of the expected size in the 'DP batch' column (this "
         f"run's: {scale.dp_batch_size}), head lr per ε chosen on validation queries (below); "
-        f"{scale.rounds} rounds x {scale.local_steps} local steps. "
-        f"Centralized = the banks' records pooled, trained for banks x rounds x local steps "
-        f"steps (the federation's example-gradients); local-only = each bank alone for rounds x "
-        f"local steps, its accuracy on the shared test set averaged over banks. DP: "
-        f"sample-level (ε, δ=1e-5) per site, RDP accountant, clipping norm 1, noise calibrated "
-        f"to the whole run; 'ε spent' is what the ledgers recorded (max over sites).",
+        f"{scale.rounds} rounds x {scale.local_steps} local steps"
+        + (f" (fedavgm, DP only: {scale.dp_momentum_rounds} rounds x "
+           f"{scale.rounds * scale.local_steps // scale.dp_momentum_rounds}, server momentum "
+           f"{scale.dp_server_momentum:g}, LoRA lr and head lr candidates x "
+           f"{1 - scale.dp_server_momentum:.2g}, as in the column)" if scale.dp_fedavgm else "")
+        + ". "
+        "Centralized = the banks' records pooled, trained for banks x rounds x local steps "
+        "steps (the federation's example-gradients); local-only = each bank alone for rounds x "
+        "local steps, its accuracy on the shared test set averaged over banks. DP: "
+        "sample-level (ε, δ=1e-5) per site, RDP accountant, clipping norm 1, noise calibrated "
+        "to the whole run; 'ε spent' is what the ledgers recorded (max over sites).",
         "",
         "| setting | method | target ε | ε spent | DP batch, head lr | accuracy | macro-F1 | loss "
         "| upload KB/round | wall s |",
@@ -779,7 +825,9 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
         upload = r.extra.get("upload_bytes_per_round")
         recipe = r.extra.get("dp_recipe")
         shown = "-" if not recipe else f"{recipe['batch_size']}, " + (
-            "-" if recipe["head_lr"] is None else f"{recipe['head_lr']:g}")
+            "-" if recipe["head_lr"] is None else f"{recipe['head_lr']:g}") + (
+            f"; {recipe['rounds']} x {recipe['local_steps']}, momentum "
+            f"{recipe['server_momentum']:g}" if "server_momentum" in recipe else "")
         lines.append(
             f"| {r.setting} | {r.method} | {_eps(r.target_epsilon)}"
             f" | {_fmt(r.epsilon_spent, 2)} | {shown} | {_fmt(r.metrics.get('accuracy'))} | "
@@ -928,6 +976,11 @@ def main(
         console.print(f"[red]datasets not found under {datasets}[/red]")
         raise typer.Exit(2)
     scale = _override(QUICK if quick else FULL, scale_set or [])
+    if scale.dp_fedavgm and (scale.rounds * scale.local_steps) % scale.dp_momentum_rounds:
+        raise typer.BadParameter(
+            f"--scale dp_momentum_rounds={scale.dp_momentum_rounds} must divide rounds x "
+            f"local_steps = {scale.rounds * scale.local_steps} (FedAvgM trains as many steps "
+            "per bank as the other methods)")
     only = "banking77" if dp_only else only
     out = out or (REPO / "results" / ("quick" if quick else ""))
     work = work or (REPO / "runs" / time.strftime("benchmark-%Y%m%d-%H%M%S"))
@@ -941,7 +994,8 @@ def main(
         runs = 0
         if only in ("all", "banking77"):
             runs += (len(scale.central_dp_epsilons) + len(scale.local_dp_epsilons)
-                     + len(scale.methods) * len(scale.epsilons) + len(scale.random_head_epsilons))
+                     + (len(scale.methods) + scale.dp_fedavgm) * len(scale.epsilons)
+                     + len(scale.random_head_epsilons))
             runs += int(scale.noise_free_reference)
             if not dp_only:  # base model, centralized, local-only, federated, encodings
                 runs += 3 + len(scale.methods) + len(scale.encodings)

@@ -79,11 +79,14 @@ def head_of(model: torch.nn.Module) -> Head:
 
 def dp_fedavg_head(head: Head, banks: Sequence[Features], *, rounds: int, local_steps: int,
                    batch_size: int, lr: float, epsilon: float | None, delta: float, clip: float,
-                   seed: int, accountant: str = "rdp") -> Head:
+                   seed: int, accountant: str = "rdp", server_momentum: float = 0.0) -> Head:
     """Federated DP-SGD (plain SGD at each bank) of the head alone; one bank = centralized.
-    epsilon None: the same with noise 0 (clipping kept), a non-private reference."""
+    epsilon None: the same with noise 0 (clipping kept), a non-private reference.
+    server_momentum: FedAvgM's (server/strategy/fedavgm.py) buffer m = beta m + mean delta, the
+    head moved by m (server step size 1); 0 is FedAvg."""
     gen = torch.Generator().manual_seed(seed)
     w, b = head.weight.clone(), head.bias.clone()
+    mw, mb = torch.zeros_like(w), torch.zeros_like(b)
     steps = rounds * local_steps
     for _ in range(rounds):
         sum_w, sum_b, total = torch.zeros_like(w), torch.zeros_like(b), 0
@@ -108,8 +111,10 @@ def dp_fedavg_head(head: Head, banks: Sequence[Features], *, rounds: int, local_
             sum_w += n * (lw - w)
             sum_b += n * (lb - b)
             total += n
-        w += sum_w / total
-        b += sum_b / total
+        mw = server_momentum * mw + sum_w / total
+        mb = server_momentum * mb + sum_b / total
+        w += mw
+        b += mb
     return Head(w, b, head.scale)
 
 

@@ -83,3 +83,17 @@ def test_choose_lr_returns_the_best_mean_score(federation):
                            epsilon=50.0, **RUN)
     assert set(scores) == {1e-4, 1.0}
     assert lr == max(scores, key=scores.get) == 1.0  # 1e-4 barely leaves the start
+
+
+def test_server_momentum_is_fedavg_in_round_one_and_carries_over_after(federation):
+    head, banks, validation = federation
+    run = {**RUN, "lr": 0.3, "epsilon": 8.0, "seed": 0}
+    one = {**run, "rounds": 1}
+    plain = dp_fedavg_head(head, banks, **one)
+    torch.testing.assert_close(dp_fedavg_head(head, banks, server_momentum=0.9, **one).weight,
+                               plain.weight)  # the buffer starts as the first mean delta
+    moved = dp_fedavg_head(head, banks, server_momentum=0.9, **run)
+    assert not torch.allclose(moved.weight, dp_fedavg_head(head, banks, **run).weight)
+    # with the sites' step size x (1 - momentum) it still learns
+    slow = {**run, "lr": 0.3 * (1 - 0.9)}
+    assert dp_fedavg_head(head, banks, server_momentum=0.9, **slow).accuracy(validation) > 0.8

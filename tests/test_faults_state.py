@@ -29,7 +29,7 @@ from server.state import (
     state_after_round,
     strategy_state,
 )
-from server.strategy import FedAdam
+from server.strategy import FedAdam, FedAvgM
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL = [np.full((6, 4), 0.25, np.float32), np.zeros(3, np.float32)]
@@ -49,23 +49,35 @@ def _fedadam(initial: list[np.ndarray]) -> FedAdam:
     return s
 
 
-def test_resumed_fedadam_continues_exactly_like_an_uninterrupted_one(tmp_path: Path):
-    """Optimizer moments survive a restart: round 3 after a resume equals round 3 without."""
-    straight = _fedadam(GLOBAL)
+def _fedavgm(initial: list[np.ndarray]) -> FedAvgM:
+    s = FedAvgM(initial_parameters=ndarrays_to_parameters(initial), server_momentum=0.9,
+                accept_failures=True)
+    s.initialize_parameters(client_manager=None)
+    return s
+
+
+@pytest.mark.parametrize("build", [_fedadam, _fedavgm], ids=["fedadam", "fedavgm"])
+def test_resumed_server_optimizer_continues_exactly_like_an_uninterrupted_one(tmp_path: Path,
+                                                                              build):
+    """Optimizer moments (FedAdam) and the momentum buffer (FedAvgM) survive a restart: round 3
+    after a resume equals round 3 without."""
+    straight = build(GLOBAL)
     for rnd in (1, 2, 3):
         params, _ = straight.aggregate_fit(rnd, _replies(rnd), [])
     expected = parameters_to_ndarrays(params)
 
-    first = _fedadam(GLOBAL)
+    first = build(GLOBAL)
     for rnd in (1, 2):
         first.aggregate_fit(rnd, _replies(rnd), [])
-    save_state(tmp_path, ServerState("run-x", 2, 2, 3, strategy_state(first)))
+    saved = strategy_state(first)
+    assert {"m_t", "v_t"} <= set(saved) if build is _fedadam else "momentum_vector" in saved
+    save_state(tmp_path, ServerState("run-x", 2, 2, 3, saved))
     adapter_after_2 = [a.copy() for a in first.global_adapter]
     del first
 
     state = load_state(tmp_path)
     assert state is not None and (state.run_id, state.round, state.num_rounds) == ("run-x", 2, 3)
-    resumed = _fedadam(adapter_after_2)  # what the ServerApp does with the checkpoint
+    resumed = build(adapter_after_2)  # what the ServerApp does with the checkpoint
     restore_strategy_state(resumed, state.strategy)
     params, _ = resumed.aggregate_fit(3, _replies(3), [])
     for a, b in zip(parameters_to_ndarrays(params), expected, strict=True):

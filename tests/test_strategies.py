@@ -22,7 +22,7 @@ from common.data import write_jsonl
 from common.demo_data import classification_demo
 from common.lora import get_adapter, lora_a_digest, trainable_names
 from common.runtime import get_runtime
-from server.strategy import STRATEGIES, FedAdam, FedProx, FedYogi, FfaLora, ProductSvd
+from server.strategy import STRATEGIES, FedAdam, FedAvgM, FedProx, FedYogi, FfaLora, ProductSvd
 from server.strategy.product_svd import aggregate_products, lora_pairs
 from tests.conftest import FAST, run_fedtune, sets
 
@@ -55,6 +55,7 @@ def test_wrong_strategy_name_is_a_clear_error_listing_the_choices():
     ("federation.proximal_mu=-0.1", "federation.proximal_mu"),
     ("federation.server_lr=0", "federation.server_lr"),
     ("federation.server_beta1=1.0", "federation.server_beta1"),
+    ("federation.server_momentum=1.0", "federation.server_momentum"),
     ("federation.server_tau=0", "federation.server_tau"),
 ])
 def test_strategy_knobs_are_validated(override, key):
@@ -105,6 +106,31 @@ def test_server_optimizers_on_deltas_match_flower_on_weights(ours, flowers):
                                            rtol=1e-5, atol=1e-6)
         ref_global = want
     np.testing.assert_allclose(mine.global_adapter[0], got[0])
+
+
+def test_fedavgm_moves_the_adapter_by_the_momentum_buffer_of_mean_deltas():
+    rng = np.random.default_rng(3)
+    shapes = [(4, 3), (5,)]
+    g = _rng_adapter(rng, shapes)
+    cfg = load_config(None, ["federation.strategy=fedavgm", "federation.server_momentum=0.5"])
+    kw = FedAvgM.config_kwargs(cfg, torch.nn.Linear(1, 1))
+    assert kw == {"server_learning_rate": 1.0, "server_momentum": 0.5}  # lr default: 1
+    # FedAdam's server step size keeps its own default when server_lr is unset
+    assert FedAdam.config_kwargs(cfg, torch.nn.Linear(1, 1))["eta"] == 1e-2
+    mine = FedAvgM(initial_parameters=ndarrays_to_parameters(g), **kw)
+    mine.initialize_parameters(client_manager=None)
+    want, buffer = [a.copy() for a in g], None
+    for rnd in (1, 2, 3):
+        deltas = [_rng_adapter(rng, shapes) for _ in range(2)]
+        got = parameters_to_ndarrays(mine.aggregate_fit(
+            rnd, [_reply(deltas[0], 10), _reply(deltas[1], 30)], [])[0])
+        mean = [(10 * a + 30 * b) / 40 for a, b in zip(*deltas, strict=True)]
+        buffer = mean if buffer is None else [0.5 * m + d for m, d in zip(buffer, mean,
+                                                                          strict=True)]
+        want = [w + m for w, m in zip(want, buffer, strict=True)]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mine.global_adapter[0], want[0], rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------ product aggregation
@@ -293,3 +319,26 @@ def test_ffa_lora_simulation_minilm(tmp_path: Path):
         match = [v for n, v in ref.items() if n.replace(".default", "") == key]
         np.testing.assert_array_equal(saved[key], match[0])
     assert any(np.abs(v).max() > 0 for k, v in saved.items() if ".lora_B." in k)
+
+
+@pytest.mark.slow
+def test_fedavgm_simulation_saves_its_momentum_buffer(tmp_path: Path):
+    """FedAvgM end to end (real Flower simulation, DP-SGD at the sites): the buffer that the
+    next round needs is in the server's saved state, one array per adapter tensor."""
+    from server.state import load_state
+
+    res = run_fedtune("simulate", *sets(*FAST, f"output.dir={tmp_path}", "output.run_name=m",
+                                        "model.name=all-minilm-l6-v2", "federation.num_sites=2",
+                                        "federation.rounds=2", "federation.strategy=fedavgm",
+                                        "federation.server_momentum=0.5",
+                                        "federation.parallel_sites=1"))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    run = tmp_path / "m"
+    rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in rounds] == [0, 1, 2]
+    assert all(s["status"] == "ok" and s["epsilon"] > 0 for s in rounds[2]["sites"])
+    state = load_state(run)
+    assert state is not None and state.round == 2
+    buffer = state.strategy["momentum_vector"]
+    saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert len(buffer) == len(saved) and all(np.abs(b).max() > 0 for b in buffer)

@@ -3,6 +3,7 @@
 from server.strategy.delta import DeltaAggregation
 from server.strategy.fedadam import FedAdam
 from server.strategy.fedavg import FedAvg
+from server.strategy.fedavgm import FedAvgM
 from server.strategy.fedprox import FedProx
 from server.strategy.fedyogi import FedYogi
 from server.strategy.ffa_lora import FfaLora
@@ -10,6 +11,7 @@ from server.strategy.product_svd import ProductSvd
 
 STRATEGIES = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
@@ -18,6 +20,6 @@ STRATEGIES = {
 }
 
 __all__ = [
-    "STRATEGIES", "DeltaAggregation", "FedAdam", "FedAvg", "FedProx", "FedYogi", "FfaLora",
-    "ProductSvd",
+    "STRATEGIES", "DeltaAggregation", "FedAdam", "FedAvg", "FedAvgM", "FedProx", "FedYogi",
+    "FfaLora", "ProductSvd",
 ]

@@ -4,7 +4,7 @@ Reddi et al., "Adaptive Federated Optimization", ICLR 2021. Each round the examp
 of the sites' deltas, Delta_t, feeds Adam's moments m_t = b1 m + (1-b1) Delta_t and
 v_t = b2 v + (1-b2) Delta_t^2, and the global adapter moves by eta_t m_t / (sqrt(v_t) + tau).
 The optimizer is Flower's `FedAdam` (which also bias-corrects eta); knobs: `federation.server_lr`
-(eta), `server_beta1`, `server_beta2`, `server_tau`.
+(eta, default 1e-2), `server_beta1`, `server_beta2`, `server_tau`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from server.strategy.delta import DeltaAggregation
 
 def server_optimizer_kwargs(cfg: RunConfig) -> dict:
     fed = cfg.federation
-    return {"eta": fed.server_lr, "beta_1": fed.server_beta1, "beta_2": fed.server_beta2,
+    eta = fed.server_lr if fed.server_lr is not None else 1e-2
+    return {"eta": eta, "beta_1": fed.server_beta1, "beta_2": fed.server_beta2,
             "tau": fed.server_tau, "eta_l": cfg.train.lr}
 
 
