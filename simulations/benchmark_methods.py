@@ -972,15 +972,15 @@ def main(
     # The in-process runs (centralized, local-only) never overlap the simulations' site workers.
     torch.set_num_threads(os.cpu_count() or 1)
     console = Console()
-    if not (datasets / "banking77").is_dir() or not (datasets / "medquad").is_dir():
-        console.print(f"[red]datasets not found under {datasets}[/red]")
-        raise typer.Exit(2)
     scale = _override(QUICK if quick else FULL, scale_set or [])
     if scale.dp_fedavgm and (scale.rounds * scale.local_steps) % scale.dp_momentum_rounds:
         raise typer.BadParameter(
             f"--scale dp_momentum_rounds={scale.dp_momentum_rounds} must divide rounds x "
             f"local_steps = {scale.rounds * scale.local_steps} (FedAvgM trains as many steps "
             "per bank as the other methods)")
+    if not (datasets / "banking77").is_dir() or not (datasets / "medquad").is_dir():
+        console.print(f"[red]datasets not found under {datasets}[/red]")
+        raise typer.Exit(2)
     only = "banking77" if dp_only else only
     out = out or (REPO / "results" / ("quick" if quick else ""))
     work = work or (REPO / "runs" / time.strftime("benchmark-%Y%m%d-%H%M%S"))

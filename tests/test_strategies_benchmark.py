@@ -154,3 +154,28 @@ def test_dp_only_replaces_the_dp_rows_it_measures_and_keeps_the_rest_with_their_
     assert "| federated | fedavg | 8 | - | 512, 10 | 0.7900 |" in text
     assert "| federated | fedavg | 1 | - | 256, 0.5 | 0.6000 |" in text
     assert "| federated | 8 | 512 | 10 |" in text and "| federated | 1 | 256 | 0.5 |" in text
+
+
+def test_fedavgm_dp_recipe_keeps_the_steps_per_bank_and_scales_the_step_sizes(tmp_path):
+    import pytest
+    import typer
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from simulations.benchmark_methods import FULL, MOMENTUM, Bench, main
+
+    bench = Bench(FULL, tmp_path, 0, Console(), Progress(), 1)
+    bench.head_lr[("federated, fedavgm", 8.0)] = 1.0
+    bench.head_lr[("federated", 8.0)] = 10.0
+    r = bench.dp_recipe("federated", 8.0, MOMENTUM)
+    assert r["rounds"] * r["local_steps"] == FULL.rounds * FULL.local_steps
+    assert r["lr"] == round(FULL.dp_lr * (1 - FULL.dp_server_momentum), 12)
+    assert r["head_lr"] == 1.0 and bench.dp_recipe("federated", 8.0)["head_lr"] == 10.0
+    overrides = bench.dp_train("federated", 8.0, MOMENTUM)
+    assert f"federation.rounds={r['rounds']}" in overrides
+    assert f"federation.server_momentum={FULL.dp_server_momentum}" in overrides
+    assert not any(o.startswith("federation.") for o in bench.dp_train("federated", 8.0))
+    # a schedule that would change the steps per bank is refused, naming the field
+    with pytest.raises(typer.BadParameter, match="dp_momentum_rounds=5"):
+        main(quick=False, datasets=tmp_path, out=tmp_path, work=tmp_path, seed=0, only="all",
+             dp_only=False, scale_set=["dp_momentum_rounds=5"])
