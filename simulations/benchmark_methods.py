@@ -750,9 +750,18 @@ def _merged(kept: list[Result], new: list[Result]) -> list[Result]:
     return rows + [r for r in new if _key(r) in fresh]
 
 
-def _merged_tuning(kept: list[dict], new: list[dict]) -> list[dict]:
-    chosen = {(t["setting"], t["epsilon"]) for t in new}
-    return [t for t in kept if (t["setting"], t["epsilon"]) not in chosen] + new
+def _merged_tuning(kept: list[dict], new: list[dict], rows: list[Result]) -> list[dict]:
+    """The step-size choices behind the report's DP rows: the kept ones that this run did not
+    make again (by setting, ε and DP batch: a kept row of another batch keeps its own), then
+    the new ones."""
+    def key(t: dict) -> tuple:
+        return t["setting"], t["epsilon"], t.get("batch_size")
+
+    used = {(_tuning_setting(r.setting, MOMENTUM if "server_momentum" in recipe else ""),
+             r.target_epsilon, recipe["batch_size"])
+            for r in rows if (recipe := r.extra.get("dp_recipe"))}
+    chosen = {key(t) for t in new}
+    return [t for t in (*[t for t in kept if key(t) not in chosen], *new) if key(t) in used]
 
 
 def _origins(rows: list[Result]) -> str:
@@ -900,12 +909,16 @@ def plot_banking77(results: list[Result], path: Path) -> Path | None:
     dp_eps = sorted({r.target_epsilon for r in bank if r.target_epsilon is not None})
     inf_x = (max(dp_eps) * 3) if dp_eps else 1.0  # where "no DP" sits on the axis
     fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    # Fixed colours: purple, gray, black and green belong to the reference lines below.
+    colors = {"fedavg": "tab:blue", "ffa_lora": "tab:red", MOMENTUM: "tab:brown",
+              "fedavg, fp16 upload": "tab:orange", "fedavg, int8 upload": "tab:olive"}
+    spare = iter(["tab:cyan", "tab:pink", "gold", "navy", "teal"])
     for method in sorted({r.method for r in fed}):
         rows = sorted((r for r in fed if r.method == method),
                       key=lambda r: math.inf if r.target_epsilon is None else r.target_epsilon)
         xs = [inf_x if r.target_epsilon is None else r.target_epsilon for r in rows]
         ax.plot(xs, [r.metrics["accuracy"] for r in rows], marker="o",
-                label=f"federated {method}")
+                color=colors.get(method) or next(spare, None), label=f"federated {method}")
     styles = {("centralized", None): ("k", "--"), ("local-only", None): ("tab:purple", ":"),
               ("base model", None): ("tab:gray", "-.")}
     for r in bank:
@@ -1009,7 +1022,7 @@ def main(
             rows = _merged(kept, results)
             return write_report(out, name, rows, scale, seed,
                                 time.time() - t0 if wall is None else wall, info, command, quick,
-                                _origins(rows), _merged_tuning(kept_tuning, bench.tuning))
+                                _origins(rows), _merged_tuning(kept_tuning, bench.tuning, rows))
 
         bench = Bench(scale, work, seed, console, progress, runs, report)
         if only in ("all", "banking77"):

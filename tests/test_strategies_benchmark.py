@@ -145,11 +145,11 @@ def test_dp_only_replaces_the_dp_rows_it_measures_and_keeps_the_rest_with_their_
     assert _origins(rows).startswith("1 medquad row from `D0`; 2 banking77 rows from")
     new_tuning = [{"setting": "federated", "epsilon": 8.0, "head_lr": 10.0, "batch_size": 512,
                    "validation_accuracy": {10.0: 0.8}}]
-    assert [(t["epsilon"], t["batch_size"]) for t in _merged_tuning(tuning, new_tuning)] == [
+    assert [(t["epsilon"], t["batch_size"]) for t in _merged_tuning(tuning, new_tuning, rows)] == [
         (1.0, 256), (8.0, 512)]
     info = {"cpu": "cpu", "cores": 2, "gpu": "none", "python": "3", "torch": "t", "flwr": "f"}
     md, _ = write_report(tmp_path, "r", rows, QUICK, 0, 1.0, info, "python -m x", False,
-                         _origins(rows), _merged_tuning(tuning, new_tuning))
+                         _origins(rows), _merged_tuning(tuning, new_tuning, rows))
     text = md.read_text()
     assert "| federated | fedavg | 8 | - | 512, 10 | 0.7900 |" in text
     assert "| federated | fedavg | 1 | - | 256, 0.5 | 0.6000 |" in text
