@@ -133,6 +133,22 @@ def test_fedavgm_moves_the_adapter_by_the_momentum_buffer_of_mean_deltas():
     np.testing.assert_allclose(mine.global_adapter[0], want[0], rtol=1e-5, atol=1e-6)
 
 
+def test_fedavgm_starts_its_buffer_at_the_first_round_with_an_update():
+    """Round 1 without updates (every site declined) must not stop the server in round 2."""
+    rng = np.random.default_rng(4)
+    g = _rng_adapter(rng, [(3, 2)])
+    s = FedAvgM(initial_parameters=ndarrays_to_parameters(g), server_momentum=0.9)
+    s.initialize_parameters(client_manager=None)
+    assert s.aggregate_fit(1, [_reply([np.zeros((3, 2), np.float32)], 0)], []) == (None, {})
+    delta = _rng_adapter(rng, [(3, 2)])
+    got = parameters_to_ndarrays(s.aggregate_fit(2, [_reply(delta, 5)], [])[0])
+    np.testing.assert_allclose(got[0], g[0] + delta[0], rtol=1e-6)  # buffer = first mean delta
+    delta2 = _rng_adapter(rng, [(3, 2)])
+    got2 = parameters_to_ndarrays(s.aggregate_fit(3, [_reply(delta2, 5)], [])[0])
+    np.testing.assert_allclose(got2[0], got[0] + 0.9 * delta[0] + delta2[0], rtol=1e-5,
+                               atol=1e-6)
+
+
 # ------------------------------------------------------------------ product aggregation
 
 

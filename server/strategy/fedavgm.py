@@ -17,13 +17,25 @@ The optimizer is Flower's `FedAvgM`; knobs: `federation.server_momentum` (beta) 
 from __future__ import annotations
 
 import torch
+from flwr.common import Parameters, Scalar
 from flwr.server.strategy import FedAvgM as FlowerFedAvgM
 
 from common.config import RunConfig
 from server.strategy.delta import DeltaAggregation
 
 
-class FedAvgM(DeltaAggregation, FlowerFedAvgM):
+class _BufferFromFirstUpdate(FlowerFedAvgM):
+    """Flower's FedAvgM starts the buffer in round 1 and asserts that it exists afterwards, so a
+    first round without an update (every site declined, a discarded SecAgg+ round) would stop
+    the server in round 2. Here the buffer starts with the first aggregated update."""
+
+    def aggregate_fit(self, server_round: int, results: list, failures: list
+                      ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        first = self.momentum_vector is None
+        return super().aggregate_fit(1 if first else server_round, results, failures)
+
+
+class FedAvgM(DeltaAggregation, _BufferFromFirstUpdate):
     """Example-weighted FedAvg of the deltas, applied through a server momentum buffer."""
 
     @classmethod
