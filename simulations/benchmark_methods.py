@@ -757,8 +757,7 @@ def _merged_tuning(kept: list[dict], new: list[dict], rows: list[Result]) -> lis
     def key(t: dict) -> tuple:
         return t["setting"], t["epsilon"], t.get("batch_size")
 
-    used = {(_tuning_setting(r.setting, MOMENTUM if "server_momentum" in recipe else ""),
-             r.target_epsilon, recipe["batch_size"])
+    used = {(_tuning_setting(r.setting, r.method), r.target_epsilon, recipe["batch_size"])
             for r in rows if (recipe := r.extra.get("dp_recipe"))}
     chosen = {key(t) for t in new}
     return [t for t in (*[t for t in kept if key(t) not in chosen], *new) if key(t) in used]
