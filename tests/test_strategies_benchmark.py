@@ -179,3 +179,41 @@ def test_fedavgm_dp_recipe_keeps_the_steps_per_bank_and_scales_the_step_sizes(tm
     with pytest.raises(typer.BadParameter, match="dp_momentum_rounds=5"):
         main(quick=False, datasets=tmp_path, out=tmp_path, work=tmp_path, seed=0, only="all",
              dp_only=False, scale_set=["dp_momentum_rounds=5"])
+
+
+def test_dp_accountant_reaches_the_runs_their_recipes_and_the_report(tmp_path):
+    import pytest
+    import typer
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from simulations.benchmark_methods import FULL, Bench, _override, main
+
+    prv = _override(FULL, ["dp_accountant=prv", "dp_batch_size=1024"])
+    assert (prv.dp_accountant, prv.dp_batch_size, FULL.dp_accountant) == ("prv", 1024, "rdp")
+    bench = Bench(prv, tmp_path, 0, Console(), Progress(), 1)
+    assert bench.dp_recipe("federated", 8.0)["accountant"] == "prv"
+    assert "dp.accountant=prv" in bench.dp_train("federated", 8.0)
+    # a step-size choice belongs to its accountant: an RDP choice stays behind an RDP row
+    m = {"accuracy": 0.8, "macro_f1": 0.8, "loss": 1.0}
+    rows = [Result("banking77", "federated", "fedavgm", 8.0, m, 1.0, extra={"dp_recipe": {
+        "optimizer": "sgd", "lr": 0.005, "batch_size": 1024, "head_lr": 1.4,
+        "accountant": "prv", "rounds": 48, "local_steps": 1, "server_momentum": 0.9}}),
+            Result("banking77", "federated", "fedavgm", 1.0, m, 1.0, extra={"dp_recipe": {
+                "optimizer": "sgd", "lr": 0.005, "batch_size": 1024, "head_lr": 0.1}})]
+    old = [{"setting": "federated, fedavgm", "epsilon": e, "head_lr": 0.1, "batch_size": 1024,
+            "validation_accuracy": {0.1: 0.6}} for e in (1.0, 8.0)]
+    new = [{"setting": "federated, fedavgm", "epsilon": 8.0, "head_lr": 1.4, "batch_size": 1024,
+            "accountant": "prv", "validation_accuracy": {1.4: 0.86}}]
+    merged = _merged_tuning(old, new, rows)
+    assert [(t["epsilon"], t.get("accountant", "rdp")) for t in merged] == [
+        (1.0, "rdp"), (8.0, "prv")]
+    info = {"cpu": "cpu", "cores": 2, "gpu": "none", "python": "3", "torch": "t", "flwr": "f"}
+    text = write_report(tmp_path, "r", rows, prv, 0, 1.0, info, "python -m x", False, "",
+                        merged)[0].read_text()
+    assert "| 1024, 1.4; 48 x 1, momentum 0.9; PRV | 0.8000 |" in text
+    assert "| 1024, 0.1; 48 x 1" not in text and "| 1024, 0.1 | 0.8000 |" in text
+    assert "| federated, fedavgm | 8 | 1024, PRV | 1.4 |" in text
+    with pytest.raises(typer.BadParameter, match="dp_accountant=gdp"):
+        main(quick=False, datasets=tmp_path, out=tmp_path, work=tmp_path, seed=0, only="all",
+             dp_only=False, scale_set=["dp_accountant=gdp"])
