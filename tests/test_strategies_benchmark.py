@@ -196,9 +196,10 @@ def test_dp_accountant_reaches_the_runs_their_recipes_and_the_report(tmp_path):
     assert "dp.accountant=prv" in bench.dp_train("federated", 8.0)
     # a step-size choice belongs to its accountant: an RDP choice stays behind an RDP row
     m = {"accuracy": 0.8, "macro_f1": 0.8, "loss": 1.0}
-    rows = [Result("banking77", "federated", "fedavgm", 8.0, m, 1.0, extra={"dp_recipe": {
-        "optimizer": "sgd", "lr": 0.005, "batch_size": 1024, "head_lr": 1.4,
-        "accountant": "prv", "rounds": 48, "local_steps": 1, "server_momentum": 0.9}}),
+    rows = [Result("banking77", "federated", "fedavgm", 8.0, m, 1.0, 7.998, extra={
+        "epsilon_by_accountant": {"rdp": 8.67, "prv": 7.998}, "dp_recipe": {
+            "optimizer": "sgd", "lr": 0.005, "batch_size": 1024, "head_lr": 1.4,
+            "accountant": "prv", "rounds": 48, "local_steps": 1, "server_momentum": 0.9}}),
             Result("banking77", "federated", "fedavgm", 1.0, m, 1.0, extra={"dp_recipe": {
                 "optimizer": "sgd", "lr": 0.005, "batch_size": 1024, "head_lr": 0.1}})]
     old = [{"setting": "federated, fedavgm", "epsilon": e, "head_lr": 0.1, "batch_size": 1024,
@@ -211,7 +212,8 @@ def test_dp_accountant_reaches_the_runs_their_recipes_and_the_report(tmp_path):
     info = {"cpu": "cpu", "cores": 2, "gpu": "none", "python": "3", "torch": "t", "flwr": "f"}
     text = write_report(tmp_path, "r", rows, prv, 0, 1.0, info, "python -m x", False, "",
                         merged)[0].read_text()
-    assert "| 1024, 1.4; 48 x 1, momentum 0.9; PRV | 0.8000 |" in text
+    # a PRV row also shows what the same noise costs by RDP
+    assert "| 8.00 (RDP: 8.67) | 1024, 1.4; 48 x 1, momentum 0.9; PRV | 0.8000 |" in text
     assert "| 1024, 0.1; 48 x 1" not in text and "| 1024, 0.1 | 0.8000 |" in text
     assert "| federated, fedavgm | 8 | 1024, PRV | 1.4 |" in text
     with pytest.raises(typer.BadParameter, match="dp_accountant=gdp"):
