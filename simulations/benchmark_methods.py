@@ -428,8 +428,8 @@ class Bench:
             metrics = self.evaluate(rt, final_eval)
         eps_spent = [s["epsilon"] for m in records[1:] for s in m["sites"] if "epsilon" in s]
         # the same run by both accountants (the ledgers record both, whichever one enforced)
-        by_accountant = {a: max(s[f"epsilon_{a}"] for m in records[1:] for s in m["sites"]
-                                if f"epsilon_{a}" in s) for a in ACCOUNTANTS if eps_spent}
+        by_accountant = {a: max(spent) for a in ACCOUNTANTS if (spent := [
+            s[f"epsilon_{a}"] for m in records[1:] for s in m["sites"] if f"epsilon_{a}" in s])}
         upload = [m["aggregation"]["upload_bytes"] for m in records[1:]
                   if "upload_bytes" in m.get("aggregation", {})]
         recipe = ({"dp_recipe": self.dp_recipe("federated", eps, method)}
@@ -771,8 +771,8 @@ def _merged(kept: list[Result], new: list[Result]) -> list[Result]:
 
 def _merged_tuning(kept: list[dict], new: list[dict], rows: list[Result]) -> list[dict]:
     """The step-size choices behind the report's DP rows: the kept ones that this run did not
-    make again (by setting, ε and DP batch: a kept row of another batch keeps its own), then
-    the new ones."""
+    make again (by setting, ε, DP batch and accountant: a kept row of another batch or
+    accountant keeps its own), then the new ones."""
     def key(t: dict) -> tuple:
         return t["setting"], t["epsilon"], t.get("batch_size"), t.get("accountant", "rdp")
 
