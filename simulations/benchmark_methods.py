@@ -769,16 +769,20 @@ def _merged(kept: list[Result], new: list[Result]) -> list[Result]:
     return rows + [r for r in new if _key(r) in fresh]
 
 
+def _accountant(d: dict) -> str:
+    """The accountant of a DP recipe or step-size choice (RDP in reports from before the field)."""
+    return d.get("accountant", "rdp")
+
+
 def _merged_tuning(kept: list[dict], new: list[dict], rows: list[Result]) -> list[dict]:
     """The step-size choices behind the report's DP rows: the kept ones that this run did not
     make again (by setting, ε, DP batch and accountant: a kept row of another batch or
     accountant keeps its own), then the new ones."""
     def key(t: dict) -> tuple:
-        return t["setting"], t["epsilon"], t.get("batch_size"), t.get("accountant", "rdp")
+        return t["setting"], t["epsilon"], t.get("batch_size"), _accountant(t)
 
     used = {(_tuning_setting(r.setting, r.method), r.target_epsilon, recipe["batch_size"],
-             recipe.get("accountant", "rdp"))
-            for r in rows if (recipe := r.extra.get("dp_recipe"))}
+             _accountant(recipe)) for r in rows if (recipe := r.extra.get("dp_recipe"))}
     chosen = {key(t) for t in new}
     return [t for t in (*[t for t in kept if key(t) not in chosen], *new) if key(t) in used]
 
@@ -854,14 +858,14 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
             continue
         upload = r.extra.get("upload_bytes_per_round")
         recipe = r.extra.get("dp_recipe")
+        accountant = _accountant(recipe) if recipe else "rdp"
         shown = "-" if not recipe else f"{recipe['batch_size']}, " + (
             "-" if recipe["head_lr"] is None else f"{recipe['head_lr']:g}") + (
             f"; {recipe['rounds']} x {recipe['local_steps']}, momentum "
             f"{recipe['server_momentum']:g}" if "server_momentum" in recipe else "") + (
-            f"; {recipe['accountant'].upper()}" if recipe.get("accountant", "rdp") != "rdp"
-            else "")
+            f"; {accountant.upper()}" if accountant != "rdp" else "")
         spent = _fmt(r.epsilon_spent, 2)
-        if recipe and recipe.get("accountant", "rdp") != "rdp" and (
+        if accountant != "rdp" and (
                 rdp := r.extra.get("epsilon_by_accountant", {}).get("rdp")) is not None:
             spent += f" (RDP: {rdp:.2f})"  # what the same noise costs by the looser bound
         lines.append(
@@ -883,7 +887,7 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
             "| setting | ε | DP batch | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
             "|---|---|---|---|" + "---|" * len(lrs),
             *(f"| {t['setting']} | {_tuned_eps(t['epsilon'])} | {t.get('batch_size') or '-'}"
-              + ("" if t.get("accountant", "rdp") == "rdp" else f", {t['accountant'].upper()}")
+              + ("" if _accountant(t) == "rdp" else f", {_accountant(t).upper()}")
               + " | "
               f"{t['head_lr']:g} | " + " | ".join(
                 _fmt(t["validation_accuracy"].get(lr), 3) for lr in lrs) + " |"
