@@ -71,10 +71,12 @@ def run(sites: int, a: argparse.Namespace) -> dict:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"}, text=True)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak, cpu = 0, 0.0
     while proc.poll() is None:
         try:
             peak = max(peak, tree_rss(ps))
+            times = ps.cpu_times()  # the CLI itself: server app, Flower's engine threads
+            cpu = times.user + times.system
         except psutil.NoSuchProcess:
             break
         time.sleep(0.2)
@@ -107,7 +109,8 @@ def run(sites: int, a: argparse.Namespace) -> dict:
             "overhead_after_round_1": (later_wall - later_useful) / later_wall if later else None,
             "round_1_s": rounds[0]["round_seconds"],
             "later_round_s": later_wall / len(later) if later else None,
-            "peak_rss_mib": peak / 2**20, "train_s": train, "aggregate_s": agg,
+            "peak_rss_mib": peak / 2**20, "coordinator_cpu_s": cpu, "train_s": train,
+            "aggregate_s": agg,
             "sites_trained": trained, "overhead_rounds": (rounds_wall - useful) / rounds_wall,
             "overhead_total": (wall - useful) / wall, "load": [load0, os.getloadavg()[0]],
             "accuracy": records[-1]["eval"].get("accuracy")}
@@ -135,7 +138,8 @@ def main() -> None:
               f"peak RSS (tree) {r['peak_rss_mib']:7.0f} MiB, trained {r['sites_trained']} "
               f"site-rounds, training {r['train_s']:.1f} s / {a.parallel} workers, aggregation "
               f"{r['aggregate_s']:.2f} s; overhead rounds {r['overhead_rounds']:.1%}, whole "
-              f"command {r['overhead_total']:.1%}; load {r['load'][0]:.2f}->{r['load'][1]:.2f}",
+              f"command {r['overhead_total']:.1%}; coordinator process CPU "
+              f"{r['coordinator_cpu_s']:.1f} s; load {r['load'][0]:.2f}->{r['load'][1]:.2f}",
               flush=True)
         if r["overhead_after_round_1"] is not None:
             print(f"       round 1 {r['round_1_s']:.1f} s (workers start), later rounds "

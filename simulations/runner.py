@@ -145,6 +145,9 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
     """Run the federation with Flower's simulation engine; returns the metrics records."""
     from flwr.simulation import run_simulation
 
+    from simulations import vce_dispatch
+
+    vce_dispatch.install()  # Flower polls all N nodes 10x a second; poll only those with mail
     cfg = prepared.cfg
     ensure_cached(cfg.model.name, cfg.model.cache_dir)  # build once, before workers start
     parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
