@@ -89,7 +89,7 @@ def simulate(enc: str, a: argparse.Namespace, out: Path) -> dict:
                   if s.get("status") == "ok"]
     return {"encoding": enc, "wall_s": wall, "accuracy": records[-1]["eval"]["accuracy"],
             "macro_f1": records[-1]["eval"]["macro_f1"],
-            "accuracy_by_round": [r["eval"]["accuracy"] for r in records],
+            "accuracy_by_round": [r["eval"]["accuracy"] for r in records if "eval" in r],
             "upload_bytes_per_site_round": float(np.mean(per_site)),
             "ledger_payload_bytes": float(np.mean(site_bytes)),
             "epsilon": max((s.get("epsilon", 0.0) for r in trained for s in r["sites"]),

@@ -137,6 +137,10 @@ class FederationConfig(_Section):
     server_tau: float = Field(1e-3, gt=0)
     fraction_fit: float = Field(1.0, gt=0, le=1)
     min_fit_sites: int = Field(1, gt=0)
+    # The server evaluates the global adapter on its held-out split after every k-th round,
+    # and always before training and after the last round. A larger k saves that time in runs
+    # of many short rounds (metrics.jsonl then has no "eval" for the rounds in between).
+    evaluate_every: int = Field(1, gt=0)
     # Flower SecAgg+: the server sees only the sum of the sites' deltas. None (default) means
     # off in `fedtune simulate` and on in a deployment (`fedtune server`).
     secagg: bool | None = None

@@ -6,13 +6,20 @@ Gaussian mechanism steps. Composing the whole history gives the site's epsilon a
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
+import opacus
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+
+from common.atomic import atomic_write_text
+from common.models import default_cache_dir
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -90,7 +97,47 @@ def epsilons(history: Sequence[Mechanism], delta: float) -> dict[str, float]:
 def calibrate_noise(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp"
 ) -> float:
-    """Smallest noise multiplier whose `steps` Poisson-Gaussian steps stay <= target_epsilon."""
+    """Smallest noise multiplier whose `steps` Poisson-Gaussian steps stay <= target_epsilon.
+
+    Opacus' bisection costs seconds of CPU (~16 accountant evaluations), paid by the CLI's
+    feasibility check and again by every simulation worker and site daemon at its first round.
+    Its result is kept in a per-machine file (`noise_cache_file`) and reused only after one
+    evaluation confirms it: epsilon within Opacus' own tolerance below the target. A damaged or
+    edited entry is recomputed, never trusted.
+    """
+    key = json.dumps([accountant, target_epsilon, delta, sample_rate, steps])
+    path = noise_cache_file()
+    cached = _read_noise_cache(path).get(key)
+    if isinstance(cached, float) and cached > 0:
+        eps = epsilon([(cached, sample_rate, steps)], delta, accountant)
+        if target_epsilon - CALIBRATION_TOLERANCE <= eps <= target_epsilon:
+            return cached
+    sigma = _opacus_calibration(target_epsilon, delta, sample_rate, steps, accountant)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the next run time
+        atomic_write_text(path, json.dumps({**_read_noise_cache(path), key: sigma}, indent=0))
+    return sigma
+
+
+# Opacus' get_noise_multiplier stops once epsilon is within this of the target, from below.
+CALIBRATION_TOLERANCE = 0.01
+
+
+def noise_cache_file() -> Path:
+    # Per Opacus version: a new accountant may calibrate differently.
+    return default_cache_dir() / "privacy" / f"noise-multipliers-opacus-{opacus.__version__}.json"
+
+
+def _read_noise_cache(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _opacus_calibration(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Optimal order is the")  # still a bound
@@ -101,6 +148,7 @@ def calibrate_noise(
                     sample_rate=sample_rate,
                     steps=steps,
                     accountant=accountant,
+                    epsilon_tolerance=CALIBRATION_TOLERANCE,
                 )
             )
     except ValueError as e:

@@ -94,7 +94,9 @@ def build_server_app(
         eval_data = encode_records(read_records(eval_path), rt.tokenizer, cfg, task,
                                    cfg.data.labels)
         point = prepare_resume(run_dir, run_id, rt.model) if resume else None
-        recorder = RunRecorder(run_dir, run_id, rt, eval_data, listener)
+        recorder = RunRecorder(run_dir, run_id, rt, eval_data, listener,
+                               num_rounds=cfg.federation.rounds,
+                               evaluate_every=cfg.federation.evaluate_every)
         strategy = build_strategy(cfg, recorder, point.adapter if point else rt.initial_adapter)
         if point is not None:
             restore_strategy_state(strategy, point.state.strategy)

@@ -49,8 +49,13 @@ class RunRecorder:
         runtime: ModelRuntime,
         eval_data: EncodedDataset,
         listener: RoundListener | None = None,
+        *,
+        num_rounds: int,
+        evaluate_every: int = 1,
     ) -> None:
         self.run_dir = Path(run_dir)
+        self.num_rounds = num_rounds
+        self.evaluate_every = evaluate_every
         self.run_id = run_id
         self.rt = runtime
         self.eval_data = eval_data
@@ -100,14 +105,24 @@ class RunRecorder:
         """Site-level DP accountant after a released aggregate (written with the round)."""
         self._central_dp[server_round] = info
 
+    def evaluates(self, server_round: int) -> bool:
+        """Is the global adapter evaluated after this round? (federation.evaluate_every)"""
+        return (server_round % self.evaluate_every == 0
+                or server_round in (0, self.num_rounds))
+
     def evaluate(
         self, server_round: int, adapter: NDArrays, config: dict
-    ) -> tuple[float, dict[str, Scalar]]:
-        """Flower's evaluate_fn: held-out metrics of the global adapter (round 0 = before)."""
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """Flower's evaluate_fn: held-out metrics of the global adapter (round 0 = before).
+
+        Writes the round's metrics line either way; returns None (Flower: not evaluated) on a
+        round that `evaluates` skips."""
         started = time.perf_counter()
-        set_adapter(self.rt.model, adapter)
-        metrics = evaluate(self.rt.model, self.eval_data, self.rt.task, self.rt.pad_id,
-                           self.rt.device)
+        metrics = None
+        if self.evaluates(server_round):
+            set_adapter(self.rt.model, adapter)
+            metrics = evaluate(self.rt.model, self.eval_data, self.rt.task, self.rt.pad_id,
+                               self.rt.device)
         evaluate_seconds = time.perf_counter() - started
         sites = sorted(
             self._site_metrics.pop(server_round, []), key=lambda m: str(m.get("site_id"))
@@ -117,7 +132,7 @@ class RunRecorder:
         record = {
             "run_id": self.run_id,
             "round": server_round,
-            "eval": metrics,
+            **({"eval": metrics} if metrics is not None else {}),
             "train_loss": (
                 float(sum(m["train_loss"] * int(m["records"]) for m in trained) / n) if n else None
             ),
@@ -139,4 +154,6 @@ class RunRecorder:
         }
         append_jsonl(self.metrics_path, record)
         self.listener.round_finished(record)
+        if metrics is None:
+            return None
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}

@@ -440,7 +440,8 @@ class Bench:
                                             if by_accountant else {}),
                                "run_dir": str(prepared.run_dir), "encoding": encoding,
                                "upload_bytes_per_round": upload,
-                               "rounds": [{"round": m["round"], **m["eval"]} for m in records]})
+                               "rounds": [{"round": m["round"], **m["eval"]} for m in records
+                                          if "eval" in m]})
         self._done(result)
         return result
 

@@ -38,15 +38,16 @@ class RichRoundListener:
         )
 
     def round_finished(self, record: dict) -> None:
-        rnd, ev = record["round"], record["eval"]
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in ev.items())
+        rnd, ev = record["round"], record.get("eval")  # none between federation.evaluate_every
+        shown = ("held-out " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()) if ev
+                 else "not evaluated this round")
         if rnd == 0:
             self.progress.console.log(f"before training: {shown}")
         else:
             loss = record.get("train_loss")
             self.progress.console.log(
-                f"round {rnd}: train loss {loss:.4f} | held-out {shown}"
-                if loss is not None else f"round {rnd}: no site trained | held-out {shown}"
+                f"round {rnd}: train loss {loss:.4f} | {shown}"
+                if loss is not None else f"round {rnd}: no site trained | {shown}"
             )
             self.progress.update(self.task, advance=1,
                                  description=f"round {rnd}/{self.rounds} aggregated")
@@ -67,7 +68,7 @@ def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabl
         tl = m.get("train_loss")
         ev.add_row("before" if m["round"] == 0 else str(m["round"]),
                    "-" if tl is None else f"{tl:.4f}",
-                   *(f"{m['eval'][k]:.4f}" for k in keys))
+                   *(f"{m['eval'][k]:.4f}" if "eval" in m else "-" for k in keys))
     console.print(ev)
 
     last: dict[str, dict] = {}

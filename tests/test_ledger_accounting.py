@@ -112,6 +112,38 @@ def test_plan_calibrates_noise_to_end_the_run_at_target():
     assert not next_round(plan, 20, history, history).ok
 
 
+def test_calibrated_noise_is_kept_per_machine_and_checked_before_reuse(tmp_path: Path,
+                                                                      monkeypatch):
+    import json
+
+    from common import privacy
+
+    monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
+    args = (3.0, 1e-5, 0.25, 40, "rdp")
+    privacy.calibrate_noise.cache_clear()  # the per-process memo would hide the file
+    sigma = privacy.calibrate_noise(*args)
+    path = privacy.noise_cache_file()
+    assert path.is_relative_to(tmp_path)
+    stored = json.loads(path.read_text())
+    assert list(stored.values()) == [sigma]
+
+    # A fresh process (memo cleared) takes the stored value: the same noise.
+    privacy.calibrate_noise.cache_clear()
+    assert privacy.calibrate_noise(*args) == sigma
+
+    # An edited entry with less noise would overspend the budget: recomputed, not trusted.
+    (key,) = stored
+    path.write_text(json.dumps({key: sigma * 0.8}))
+    privacy.calibrate_noise.cache_clear()
+    assert privacy.calibrate_noise(*args) == sigma
+    assert json.loads(path.read_text())[key] == sigma
+    # So is a damaged file.
+    path.write_text("{not json")
+    privacy.calibrate_noise.cache_clear()
+    assert privacy.calibrate_noise(*args) == sigma
+    privacy.calibrate_noise.cache_clear()
+
+
 def test_plan_refuses_delta_too_large_for_the_site():
     with pytest.raises(PrivacyBudgetError, match=r"not below 1/records = 1/50"):
         plan_run(DPConfig(delta=0.02), records=50, batch_size=8, rounds=1, local_steps=1)

@@ -340,21 +340,27 @@ def test_ffa_lora_simulation_minilm(tmp_path: Path):
 @pytest.mark.slow
 def test_fedavgm_simulation_saves_its_momentum_buffer(tmp_path: Path):
     """FedAvgM end to end (real Flower simulation, DP-SGD at the sites): the buffer that the
-    next round needs is in the server's saved state, one array per adapter tensor."""
+    next round needs is in the server's saved state, one array per adapter tensor. Also the
+    server's evaluation every k rounds (federation.evaluate_every)."""
     from server.state import load_state
 
     res = run_fedtune("simulate", *sets(*FAST, f"output.dir={tmp_path}", "output.run_name=m",
                                         "model.name=all-minilm-l6-v2", "federation.num_sites=2",
-                                        "federation.rounds=2", "federation.strategy=fedavgm",
+                                        "federation.rounds=3", "federation.strategy=fedavgm",
                                         "federation.server_momentum=0.5",
+                                        "federation.evaluate_every=2",
                                         "federation.parallel_sites=1"))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     run = tmp_path / "m"
     rounds = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["round"] for m in rounds] == [0, 1, 2]
-    assert all(s["status"] == "ok" and s["epsilon"] > 0 for s in rounds[2]["sites"])
+    assert [m["round"] for m in rounds] == [0, 1, 2, 3]
+    assert all(s["status"] == "ok" and s["epsilon"] > 0 for s in rounds[3]["sites"])
+    # evaluated before training, every 2nd round and after the last; round 1 still recorded
+    assert ["accuracy" in m.get("eval", {}) for m in rounds] == [True, False, True, True]
+    assert rounds[1]["train_loss"] > 0 and len(rounds[1]["sites"]) == 2
+    assert "round 1: train loss" in res.stdout and "not evaluated this round" in res.stdout
     state = load_state(run)
-    assert state is not None and state.round == 2
+    assert state is not None and state.round == 3
     buffer = state.strategy["momentum_vector"]
     saved = load_file(str(run / "adapter" / "adapter_model.safetensors"))
     assert len(buffer) == len(saved) and all(np.abs(b).max() > 0 for b in buffer)
