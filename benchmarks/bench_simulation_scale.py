@@ -62,6 +62,7 @@ def run(sites: int, a: argparse.Namespace) -> dict:
         f"train.local_steps={a.steps}", f"train.batch_size={a.batch}",
         f"federation.parallel_sites={a.parallel}", f"train.threads={a.threads}",
         f"output.dir={a.out}", f"output.run_name={name}", "model.max_length=64",
+        f"federation.evaluate_every={a.evaluate_every}",
     ]
     cmd = [sys.executable, "-m", "common.cli", "simulate"]
     for s in sets:
@@ -125,6 +126,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--records", type=int, default=10, help="max records per site")
     p.add_argument("--eval-records", type=int, default=200)
+    p.add_argument("--evaluate-every", type=int, default=1, help="server evaluation every k rounds")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="/tmp/fedtune-bench/scale")
