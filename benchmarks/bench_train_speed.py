@@ -7,6 +7,8 @@ batch size, through the real code paths:
 - ``fedtune-dp``    train_local with Opacus DP-SGD (Poisson sampling, clipping, noise)
 - ``hf-trainer``    transformers.Trainer + PEFT LoRA, non-DP (the FlowerTune LLM client recipe),
                     same collator (dynamic padding), same optimizer (AdamW) and lr
+- ``fedtune-dp-whole`` fedtune-dp with ``train.chunk_tokens = 0``: each batch in one pass,
+                    padded to its longest example (the "before" of length chunks)
 - ``*-fullhead``    (causal LM) the same two fedtune variants with the former loss, which applied
                     the LM head at every position: the "before" of the logits-only-where-labels
                     change (common/tasks.py::label_token_losses)
@@ -14,8 +16,9 @@ batch size, through the real code paths:
 Tokens are the real (non-padding) tokens of the examples each variant actually drew (Poisson
 batches vary in size), counted as the data loader fetches them. Variants run interleaved,
 `--reps` times, so background load hits them alike; the median is reported, with ratios.
-FLOPs per token are counted with torch.utils.flop_counter on one forward+backward, and the
-achieved FLOP/s compared with this machine's fp32 matmul peak measured in the same run.
+FLOPs per token are counted with torch.utils.flop_counter on one forward+backward of each of the
+first (up to 64) examples alone, so that padding is not counted as work; the achieved FLOP/s
+is compared with this machine's fp32 matmul peak measured in the same run.
 
     python benchmarks/bench_train_speed.py --model all-minilm-l6-v2 --model smollm2-135m-instruct
 """
@@ -109,14 +112,18 @@ def model_config(name: str, max_length: int, batch: int, threads: int) -> tuple[
     return cfg, records
 
 
-def flops_per_token(model, data: EncodedDataset, pad_id: int, task: str, batch: int) -> float:
-    """Counted FLOPs of one forward + backward (fedtune's loss) per real token."""
-    items = [data[i] for i in range(batch)]
-    b = PadCollator(pad_id)(items)
-    with FlopCounterMode(display=False) as fc:
-        per_sample_loss(model, b, task).mean().backward()
+def flops_per_token(model, data: EncodedDataset, pad_id: int, task: str, n: int) -> float:
+    """Counted FLOPs of one forward + backward (fedtune's loss) per real token, each of the first
+    `n` examples run alone: the work the tokens need, with no padding counted as work."""
+    flops = tokens = 0
+    for i in range(min(n, len(data))):
+        b = PadCollator(pad_id)([data[i]])
+        with FlopCounterMode(display=False) as fc:
+            per_sample_loss(model, b, task).mean().backward()
+        flops += fc.get_total_flops()
+        tokens += int(b["attention_mask"].sum())
     model.zero_grad(set_to_none=True)
-    return fc.get_total_flops() / int(b["attention_mask"].sum())
+    return flops / tokens
 
 
 def hf_trainer_run(model, data: CountingDataset, pad_id: int, task: str, cfg: RunConfig,
@@ -177,12 +184,14 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
     dp_on = cfg.dp.model_copy(update={"enabled": True})
     dp_off = cfg.dp.model_copy(update={"enabled": False})
 
-    def fedtune(dp, loss) -> Callable[[int], None]:
+    whole = cfg.train.model_copy(update={"chunk_tokens": 0})
+
+    def fedtune(dp, loss, train=cfg.train) -> Callable[[int], None]:
         def run(seed: int) -> None:
             trainer_mod.per_sample_loss = loss
             try:
                 train_local(rt.model, data, task=task, pad_id=rt.pad_id, device=rt.device,
-                            train=cfg.train, dp=dp, noise_multiplier=a.noise, steps=a.steps,
+                            train=train, dp=dp, noise_multiplier=a.noise, steps=a.steps,
                             seed=seed)
             finally:
                 trainer_mod.per_sample_loss = per_sample_loss
@@ -191,6 +200,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
     variants: dict[str, Callable[[int], None]] = {
         "fedtune": fedtune(dp_off, per_sample_loss),
         "fedtune-dp": fedtune(dp_on, per_sample_loss),
+        "fedtune-dp-whole": fedtune(dp_on, per_sample_loss, whole),
         "hf-trainer": lambda seed: hf_trainer_run(rt.model, data, rt.pad_id, task, cfg, a.steps,
                                                   seed, Path(a.tmp) / "hf"),
     }
@@ -198,7 +208,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
         variants["fedtune-fullhead"] = fedtune(dp_off, full_head_per_sample_loss)
         variants["fedtune-dp-fullhead"] = fedtune(dp_on, full_head_per_sample_loss)
 
-    fpt = flops_per_token(rt.model, encoded, rt.pad_id, task, a.batch)
+    fpt = flops_per_token(rt.model, encoded, rt.pad_id, task, min(a.batch, 64))
     for run in variants.values():  # warm-up (allocators, Opacus, Trainer imports)
         run(12345)
     rates: dict[str, list[float]] = {k: [] for k in variants}
@@ -255,6 +265,8 @@ def main() -> None:
             print(f"  [{label}] DP / non-DP (fedtune) {t['fedtune-dp'] / t['fedtune']:.3f}"
                   f" (target >= 0.95);  fedtune DP / HF Trainer non-DP "
                   f"{t['fedtune-dp'] / t['hf-trainer']:.3f} (target >= 0.9)")
+            print(f"  [{label}] length chunks: DP {t['fedtune-dp'] / t['fedtune-dp-whole']:.3f}x "
+                  "the whole batch padded to its longest")
             if "fedtune-fullhead" in t:
                 print(f"  [{label}] labelled-only LM head speed-up: non-DP "
                       f"{t['fedtune'] / t['fedtune-fullhead']:.3f}x, DP "

@@ -15,7 +15,7 @@ import torch
 from opacus import PrivacyEngine
 
 from common.config import DPConfig, TrainConfig
-from common.data import EncodedDataset, PadCollator
+from common.data import EncodedDataset, PadCollator, length_chunks
 from common.models import TaskKind
 from common.tasks import per_sample_loss
 
@@ -134,6 +134,10 @@ def train_local(
                 poisson_sampling=True,
             )
         sample_rate = float(loader.sample_rate)
+        # One Poisson batch runs as several forward/backward passes (length_chunks), whose
+        # per-example gradients are stacked into one batch for one clipped, noised step.
+        # Opacus forbids this under Poisson sampling only to stop *batches* being merged.
+        module.allow_grad_accumulation()
         # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
         # Poisson batch is empty; PadCollator builds empty batches itself.
         loader.collate_fn = PadCollator(pad_id)
@@ -150,11 +154,21 @@ def train_local(
                     p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
                 _step(optimizer, params, anchor, proximal_mu)
                 continue
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = per_sample_loss(module, batch, task).mean()
-            loss.backward()
+            total = 0.0
+            for chunk in length_chunks(batch, train.chunk_tokens):
+                chunk = {k: v.to(device) for k, v in chunk.items()}
+                loss = per_sample_loss(module, chunk, task)
+                # The batch's mean loss. Under DP, each chunk's own mean: Opacus rescales a
+                # pass's per-example gradients by that pass's size, and divides the clipped,
+                # noised sum by the expected batch size itself.
+                (loss.mean() if dp.enabled else loss.sum() / n).backward()
+                total += float(loss.detach().sum())
+            if dp.enabled:  # stacked into one batch: Opacus would scale a list as k batches
+                for p in params:
+                    if isinstance(p.grad_sample, list):
+                        p.grad_sample = torch.cat(p.grad_sample)
             _step(optimizer, params, anchor, proximal_mu)
-            losses.append(loss.item())
+            losses.append(total / n)
             seen += n
     finally:
         if dp.enabled:

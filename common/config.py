@@ -107,6 +107,10 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     # Torch threads per site process; 0 means "cores / parallel sites".
     threads: int = Field(0, ge=0)
+    # A batch runs as chunks of examples of similar length, each padded only to its own longest
+    # and holding at least this many real tokens (common/data.py::length_chunks): the same
+    # examples and gradients, less compute on padding. 0: the whole batch in one pass.
+    chunk_tokens: int = Field(1024, ge=0)
 
 
 StrategyName = Literal[

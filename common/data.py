@@ -240,3 +240,42 @@ class PadCollator:
             if seq_labels:
                 labels[i, :n] = torch.tensor(b["labels"])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# A chunk is closed before an example that would make its padding exceed this share of its
+# real tokens (examples come shortest first, so each new one sets the chunk's width).
+CHUNK_MAX_PADDING = 0.1
+
+
+def length_chunks(batch: dict[str, torch.Tensor], min_tokens: int
+                  ) -> list[dict[str, torch.Tensor]]:
+    """Split a right-padded batch into chunks of examples of similar length, each cut to its own
+    longest example: dynamic padding per chunk instead of per batch.
+
+    A DP batch is one Poisson draw and must stay one optimizer step, so its examples are not
+    bucketed across batches; within the batch, their order does not matter (per-example
+    losses and gradients). A chunk holds at least `min_tokens` real tokens (small matmuls
+    waste more than padding does); 0 keeps the batch whole. Every example is in exactly one
+    chunk.
+    """
+    lengths = batch["attention_mask"].sum(dim=1)
+    n = int(lengths.shape[0])
+    if min_tokens <= 0 or n <= 1:
+        return [batch]
+    order = torch.argsort(lengths, stable=True)
+    sorted_len = lengths[order].tolist()
+    bounds, start, real = [], 0, 0
+    for i, length in enumerate(sorted_len):
+        padded = (i - start + 1) * length  # the chunk's width if this example joins it
+        if real >= min_tokens and padded > (1 + CHUNK_MAX_PADDING) * (real + length):
+            bounds.append((start, i))
+            start, real = i, 0
+        real += length
+    bounds.append((start, n))
+    if len(bounds) == 1:
+        return [batch]
+    chunks = []
+    for a, b in bounds:
+        rows, width = order[a:b], int(sorted_len[b - 1])
+        chunks.append({k: v[rows, :width] if v.dim() == 2 else v[rows] for k, v in batch.items()})
+    return chunks
