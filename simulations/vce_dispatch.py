@@ -3,8 +3,8 @@
 Flower 1.39's `vce_api.add_messages_to_queue` asks the link state for each of the N simulated
 nodes' next message, ten times a second, for the whole run. Each ask scans every stored message
 (`InMemoryLinkState.get_message_ins`), so with 1,000 sites and 10 of them sampled per round the
-engine thread checks 10,000 (node, message) pairs every 0.1 s: measured with py-spy at ~20 % of
-a core of the coordinator process during the rounds, on a 2-core machine where the two
+engine thread checks 10,000 (node, message) pairs every 0.1 s: 0.40 of a core all through a
+round (benchmarks/bench_dispatch.py; 0.003 with this loop), on a 2-core machine where the two
 training workers need both cores (benchmarks/RESULTS.md, §3).
 
 `poll_busy_nodes` is the same loop over only the nodes that have an undelivered message:
