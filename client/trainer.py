@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 
 from common.config import DPConfig, TrainConfig
 from common.data import EncodedDataset, PadCollator, length_chunks
@@ -82,6 +83,20 @@ def _step(
             p.sub_(g, alpha=lrs[id(p)] * mu)
 
 
+def _clip_into_sum(optimizer: DPOptimizer) -> None:
+    """Clip one pass's per-example gradients into Opacus' running sum of clipped gradients and
+    free them; the batch's last pass then takes the one noised step.
+
+    Each example is in exactly one pass (length_chunks), so this is the same DP step as one
+    pass over the whole Poisson batch. It is the mechanism of Opacus' BatchMemoryManager: a
+    skipped step only clips and accumulates. Clipping pass by pass keeps the per-example
+    gradients of one pass in memory (not the batch's), and nothing is concatenated.
+    """
+    optimizer.signal_skip_step(do_skip=True)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # after a skipped step it keeps the clipped sum
+
+
 def train_local(
     model: torch.nn.Module,
     dataset: EncodedDataset,
@@ -134,10 +149,6 @@ def train_local(
                 poisson_sampling=True,
             )
         sample_rate = float(loader.sample_rate)
-        # One Poisson batch runs as several forward/backward passes (length_chunks), whose
-        # per-example gradients are stacked into one batch for one clipped, noised step.
-        # Opacus forbids this under Poisson sampling only to stop *batches* being merged.
-        module.allow_grad_accumulation()
         # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
         # Poisson batch is empty; PadCollator builds empty batches itself.
         loader.collate_fn = PadCollator(pad_id)
@@ -155,7 +166,8 @@ def train_local(
                 _step(optimizer, params, anchor, proximal_mu)
                 continue
             total = 0.0
-            for chunk in length_chunks(batch, train.chunk_tokens):
+            chunks = length_chunks(batch, train.chunk_tokens)
+            for i, chunk in enumerate(chunks):
                 chunk = {k: v.to(device) for k, v in chunk.items()}
                 loss = per_sample_loss(module, chunk, task)
                 # The batch's mean loss. Under DP, each chunk's own mean: Opacus rescales a
@@ -163,10 +175,8 @@ def train_local(
                 # noised sum by the expected batch size itself.
                 (loss.mean() if dp.enabled else loss.sum() / n).backward()
                 total += float(loss.detach().sum())
-            if dp.enabled:  # stacked into one batch: Opacus would scale a list as k batches
-                for p in params:
-                    if isinstance(p.grad_sample, list):
-                        p.grad_sample = torch.cat(p.grad_sample)
+                if dp.enabled and i < len(chunks) - 1:
+                    _clip_into_sum(optimizer)
             _step(optimizer, params, anchor, proximal_mu)
             losses.append(total / n)
             seen += n
