@@ -261,6 +261,13 @@ def main() -> None:
             print(f"  {k:20s} {v:8.1f} tokens/s (best {best[k]:7.1f}) {gf:6.1f} GFLOP/s"
                   f" = {gf / peak:.2f} of peak"
                   f"   runs: {', '.join(f'{x:.0f}' for x in r['runs'][k])}")
+        # Each DP run against the non-DP run just before it: the machine's speed drifts over
+        # minutes (other tenants of the host), and a pair shares the same stretch of it.
+        runs = r["runs"]
+        paired = statistics.median(d / n for d, n in zip(runs["fedtune-dp"], runs["fedtune"],
+                                                          strict=True))
+        print(f"  [paired] DP / non-DP (fedtune), median of the {len(runs['fedtune'])} "
+              f"run-by-run ratios: {paired:.3f} (target >= 0.95)")
         for label, t in (("median", tps), ("best run", best)):
             print(f"  [{label}] DP / non-DP (fedtune) {t['fedtune-dp'] / t['fedtune']:.3f}"
                   f" (target >= 0.95);  fedtune DP / HF Trainer non-DP "
