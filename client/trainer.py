@@ -183,8 +183,8 @@ def train_local(
     finally:
         if dp.enabled:
             module._close()  # remove Opacus hooks: the model is reused next round
-            for p in params:
-                p.grad_sample = None
+            for p in params:  # also when a step broke off after a chunk was clipped
+                p.grad_sample = p.summed_grad = None
             optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return TrainResult(mean_loss, steps, seen, empty, sample_rate)
