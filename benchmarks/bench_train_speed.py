@@ -207,6 +207,12 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
     if task == "causal_lm":
         variants["fedtune-fullhead"] = fedtune(dp_off, full_head_per_sample_loss)
         variants["fedtune-dp-fullhead"] = fedtune(dp_on, full_head_per_sample_loss)
+    if a.only:  # fedtune and fedtune-dp always run: every ratio is read against them
+        if unknown := set(a.only) - set(variants):
+            raise SystemExit(f"--only: no variant {', '.join(sorted(unknown))} for {name}; "
+                             f"choose from {', '.join(variants)}")
+        keep = {"fedtune", "fedtune-dp", *a.only}
+        variants = {k: v for k, v in variants.items() if k in keep}
 
     fpt = flops_per_token(rt.model, encoded, rt.pad_id, task, min(a.batch, 64))
     for run in variants.values():  # warm-up (allocators, Opacus, Trainer imports)
@@ -239,6 +245,9 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=1.0)
     p.add_argument("--tmp", default="/tmp/fedtune-bench")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--only", action="append", default=None, metavar="VARIANT",
+                   help="run only fedtune, fedtune-dp and these variants (repeatable; e.g. "
+                        "hf-trainer, fedtune-dp-whole): more repetitions in the same time")
     a = p.parse_args()
     models = a.model or ["all-minilm-l6-v2", "smollm2-135m-instruct"]
     load0 = os.getloadavg()
@@ -270,11 +279,15 @@ def main() -> None:
               f"run-by-run ratios: {paired:.3f} (target >= 0.95)")
         for label, t in (("median", tps), ("best run", best)):
             print(f"  [{label}] DP / non-DP (fedtune) {t['fedtune-dp'] / t['fedtune']:.3f}"
-                  f" (target >= 0.95);  fedtune DP / HF Trainer non-DP "
-                  f"{t['fedtune-dp'] / t['hf-trainer']:.3f} (target >= 0.9)")
-            print(f"  [{label}] length chunks: DP {t['fedtune-dp'] / t['fedtune-dp-whole']:.3f}x "
-                  "the whole batch padded to its longest")
-            if "fedtune-fullhead" in t:
+                  " (target >= 0.95)")
+            if "hf-trainer" in t:
+                print(f"  [{label}] fedtune DP / HF Trainer non-DP "
+                      f"{t['fedtune-dp'] / t['hf-trainer']:.3f} (target >= 0.9)")
+            if "fedtune-dp-whole" in t:
+                print(f"  [{label}] length chunks: DP "
+                      f"{t['fedtune-dp'] / t['fedtune-dp-whole']:.3f}x "
+                      "the whole batch padded to its longest")
+            if "fedtune-fullhead" in t and "fedtune-dp-fullhead" in t:
                 print(f"  [{label}] labelled-only LM head speed-up: non-DP "
                       f"{t['fedtune'] / t['fedtune-fullhead']:.3f}x, DP "
                       f"{t['fedtune-dp'] / t['fedtune-dp-fullhead']:.3f}x")
