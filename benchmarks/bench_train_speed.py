@@ -270,8 +270,8 @@ def main() -> None:
             print(f"  {k:20s} {v:8.1f} tokens/s (best {best[k]:7.1f}) {gf:6.1f} GFLOP/s"
                   f" = {gf / peak:.2f} of peak"
                   f"   runs: {', '.join(f'{x:.0f}' for x in r['runs'][k])}")
-        # Each DP run against the non-DP run just before it: the machine's speed drifts over
-        # minutes (other tenants of the host), and a pair shares the same stretch of it.
+        # Each DP run against the non-DP run just before it: on a VM the speed of the same work
+        # can drift by +-25 % over minutes (RESULTS.md), and a pair shares one stretch of it.
         runs = r["runs"]
         paired = statistics.median(d / n for d, n in zip(runs["fedtune-dp"], runs["fedtune"],
                                                           strict=True))
