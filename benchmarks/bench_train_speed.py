@@ -9,6 +9,8 @@ batch size, through the real code paths:
                     same collator (dynamic padding), same optimizer (AdamW) and lr
 - ``fedtune-dp-whole`` fedtune-dp with ``train.chunk_tokens = 0``: each batch in one pass,
                     padded to its longest example (the "before" of length chunks)
+- ``fedtune-dp-hooks`` fedtune-dp with per-example gradients from Opacus' module hooks
+                    (``grad_sample_mode="hooks"``), the "before" of client/linear_grad_sample.py
 - ``*-fullhead``    (causal LM) the same two fedtune variants with the former loss, which applied
                     the LM head at every position: the "before" of the logits-only-where-labels
                     change (common/tasks.py::label_token_losses)
@@ -186,13 +188,13 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
 
     whole = cfg.train.model_copy(update={"chunk_tokens": 0})
 
-    def fedtune(dp, loss, train=cfg.train) -> Callable[[int], None]:
+    def fedtune(dp, loss, train=cfg.train, grad_samples="auto") -> Callable[[int], None]:
         def run(seed: int) -> None:
             trainer_mod.per_sample_loss = loss
             try:
                 train_local(rt.model, data, task=task, pad_id=rt.pad_id, device=rt.device,
                             train=train, dp=dp, noise_multiplier=a.noise, steps=a.steps,
-                            seed=seed)
+                            seed=seed, grad_sample_mode=grad_samples)
             finally:
                 trainer_mod.per_sample_loss = per_sample_loss
         return run
@@ -200,6 +202,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
     variants: dict[str, Callable[[int], None]] = {
         "fedtune": fedtune(dp_off, per_sample_loss),
         "fedtune-dp": fedtune(dp_on, per_sample_loss),
+        "fedtune-dp-hooks": fedtune(dp_on, per_sample_loss, grad_samples="hooks"),
         "fedtune-dp-whole": fedtune(dp_on, per_sample_loss, whole),
         "hf-trainer": lambda seed: hf_trainer_run(rt.model, data, rt.pad_id, task, cfg, a.steps,
                                                   seed, Path(a.tmp) / "hf"),
@@ -277,12 +280,19 @@ def main() -> None:
                                                           strict=True))
         print(f"  [paired] DP / non-DP (fedtune), median of the {len(runs['fedtune'])} "
               f"run-by-run ratios: {paired:.3f} (target >= 0.95)")
+        if "fedtune-dp-hooks" in runs:
+            hooks = statistics.median(d / h for d, h in zip(runs["fedtune-dp"],
+                                                            runs["fedtune-dp-hooks"], strict=True))
+            print(f"  [paired] DP own per-example gradients / Opacus' hooks: {hooks:.3f}x")
         for label, t in (("median", tps), ("best run", best)):
             print(f"  [{label}] DP / non-DP (fedtune) {t['fedtune-dp'] / t['fedtune']:.3f}"
                   " (target >= 0.95)")
             if "hf-trainer" in t:
                 print(f"  [{label}] fedtune DP / HF Trainer non-DP "
                       f"{t['fedtune-dp'] / t['hf-trainer']:.3f} (target >= 0.9)")
+            if "fedtune-dp-hooks" in t:
+                print(f"  [{label}] DP per-example gradients: fedtune's own "
+                      f"{t['fedtune-dp'] / t['fedtune-dp-hooks']:.3f}x Opacus' hooks")
             if "fedtune-dp-whole" in t:
                 print(f"  [{label}] length chunks: DP "
                       f"{t['fedtune-dp'] / t['fedtune-dp-whole']:.3f}x "

@@ -7,14 +7,17 @@ L2 norm <= C, Gaussian noise N(0, (sigma C)^2) added to the sum, divided by the 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 
+from client.linear_grad_sample import linear_grad_samples, trainable_linears
 from common.config import DPConfig, TrainConfig
 from common.data import EncodedDataset, PadCollator, length_chunks
 from common.models import TaskKind
@@ -97,6 +100,23 @@ def _clip_into_sum(optimizer: DPOptimizer) -> None:
     optimizer.zero_grad(set_to_none=True)  # after a skipped step it keeps the clipped sum
 
 
+def _backward(loss: torch.Tensor, n: int, dp: bool, own_grad_samples: bool) -> None:
+    """Back-propagate one pass's per-example losses so that each path gets what it expects.
+
+    Without DP: the batch's mean loss. With Opacus' hooks: the pass's own mean (they rescale a
+    pass's per-example gradients by its size). With linear_grad_sample: the sum, whose gradient
+    w.r.t. example i's output is example i's gradient. Under DP, Opacus divides the clipped,
+    noised sum by the expected batch size itself.
+    """
+    if not dp:
+        loss = loss.sum() / n
+    elif own_grad_samples:
+        loss = loss.sum()
+    else:
+        loss = loss.mean()
+    loss.backward()
+
+
 def train_local(
     model: torch.nn.Module,
     dataset: EncodedDataset,
@@ -110,6 +130,7 @@ def train_local(
     steps: int,
     seed: int,
     proximal_mu: float = 0.0,
+    grad_sample_mode: Literal["auto", "hooks"] = "auto",
 ) -> TrainResult:
     """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place.
 
@@ -119,6 +140,10 @@ def train_local(
     so with SGD every step is exactly a gradient step on the FedProx objective; with AdamW the
     pull is decoupled from the adaptive scaling, like AdamW's weight decay. It does not touch the
     data, so under DP it is post-processing: outside per-sample clipping and noise, no privacy cost.
+
+    Under DP, per-example gradients come from client/linear_grad_sample.py when every trainable
+    tensor belongs to an nn.Linear (LoRA, a linear head: the usual case), else from Opacus'
+    hooks; `grad_sample_mode="hooks"` forces the hooks (to compare the two).
     """
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -135,6 +160,7 @@ def train_local(
     )
     sample_rate = 0.0
     module: torch.nn.Module = model
+    linears = trainable_linears(model) if dp.enabled and grad_sample_mode == "auto" else None
     if dp.enabled:
         engine = PrivacyEngine(accountant=dp.accountant)
         with warnings.catch_warnings():
@@ -147,14 +173,21 @@ def train_local(
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
+                # "no_op": Opacus' mode for per-example gradients computed outside its hooks.
+                grad_sample_mode="hooks" if linears is None else "no_op",
             )
         sample_rate = float(loader.sample_rate)
         # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
         # Poisson batch is empty; PadCollator builds empty batches itself.
         loader.collate_fn = PadCollator(pad_id)
+    # Opacus' no_op wrapper only forwards to the model (with a positional input): run the model.
+    net = module if linears is None else model
     losses: list[float] = []
     seen = empty = 0
+    restore = contextlib.ExitStack()
     try:
+        if linears is not None:
+            restore.enter_context(linear_grad_samples(linears))
         for batch in _batches(loader, steps):
             optimizer.zero_grad(set_to_none=True)
             n = int(batch["input_ids"].shape[0])
@@ -169,11 +202,8 @@ def train_local(
             chunks = length_chunks(batch, train.chunk_tokens)
             for i, chunk in enumerate(chunks):
                 chunk = {k: v.to(device) for k, v in chunk.items()}
-                loss = per_sample_loss(module, chunk, task)
-                # The batch's mean loss. Under DP, each chunk's own mean: Opacus rescales a
-                # pass's per-example gradients by that pass's size, and divides the clipped,
-                # noised sum by the expected batch size itself.
-                (loss.mean() if dp.enabled else loss.sum() / n).backward()
+                loss = per_sample_loss(net, chunk, task)
+                _backward(loss, n, dp.enabled, linears is not None)
                 total += float(loss.detach().sum())
                 if dp.enabled and i < len(chunks) - 1:
                     _clip_into_sum(optimizer)
@@ -181,6 +211,7 @@ def train_local(
             losses.append(total / n)
             seen += n
     finally:
+        restore.close()  # the layers' own forward again
         if dp.enabled:
             module._close()  # remove Opacus hooks: the model is reused next round
             for p in params:  # also when a step broke off after a chunk was clipped
