@@ -5,8 +5,9 @@ module hooks: a forward hook keeps every hooked layer's input, a full backward h
 output gradient, rescales it, computes the per-example gradient into a zeroed buffer, and
 autograd still computes the usual summed weight gradient next to it. In fedtune's models every
 trainable tensor is the weight or bias of a plain `nn.Linear` (LoRA's A and B, a linear head),
-which makes that machinery mostly overhead: on MiniLM at batch 512 it cost about 6 % of a step,
-the per-example gradients themselves well under half of it (benchmarks/RESULTS.md).
+which makes most of that machinery overhead: on MiniLM at batch 512 the work only DP did was
+about 5 % of a step, and the per-example einsums themselves a sixth of that (profile in
+benchmarks/RESULTS.md).
 
 Here each such layer runs through `_LinearGradSample`, an autograd function whose backward
 returns the input gradient and stores the per-example weight and bias gradients in
