@@ -145,6 +145,8 @@ def train_local(
     tensor belongs to an nn.Linear (LoRA, a linear head: the usual case), else from Opacus'
     hooks; `grad_sample_mode="hooks"` forces the hooks (to compare the two).
     """
+    if grad_sample_mode not in ("auto", "hooks"):
+        raise ValueError(f"grad_sample_mode must be 'auto' or 'hooks', not {grad_sample_mode!r}")
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
