@@ -33,19 +33,16 @@ from torch import nn
 def trainable_linears(model: nn.Module) -> list[nn.Linear] | None:
     """The layers holding the trainable tensors of `model`, if every one of them is the weight or
     bias of a plain nn.Linear; else None (use Opacus' hooks, which know more layer types)."""
-    layers, covered = [], set()
+    layers = []
     for module in model.modules():
-        own = [p for p in module.parameters(recurse=False) if p.requires_grad]
-        if not own:
+        if not any(p.requires_grad for p in module.parameters(recurse=False)):
             continue
         if type(module) is not nn.Linear:  # a subclass may not compute F.linear
             return None
         layers.append(module)
-        covered.update(id(p) for p in own)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if not trainable or len(covered) != len(trainable):  # e.g. a tensor shared with another layer
-        return None
-    return layers
+    # Every parameter is some module's own, so these layers hold every trainable tensor (a
+    # tensor shared with a non-Linear layer returned None above).
+    return layers or None
 
 
 class _LinearGradSample(torch.autograd.Function):
