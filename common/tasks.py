@@ -18,6 +18,7 @@ from common.data import (
     encode_classification,
     encode_instruction,
 )
+from common.head_loss import frozen_head_cross_entropy
 from common.models import TaskKind
 
 
@@ -64,7 +65,8 @@ def label_token_losses(
     Returns (losses [N], row of each loss [N], labelled tokens per row [B]). For the plain
     architectures above, the LM head (hidden x vocabulary, the largest matmul of a small model)
     runs only on the N labelled positions, not on all B x T (prompt and padding included); the
-    math is the same as taking the full logits and ignoring unlabelled positions.
+    math is the same as taking the full logits and ignoring unlabelled positions. A frozen,
+    bias-free head (LoRA's case) goes through common/head_loss.py: no N x vocabulary tensor.
     """
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
@@ -78,7 +80,11 @@ def label_token_losses(
         hidden = body(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
-        logits = head(hidden[:, :-1][mask]).float()
+        picked = hidden[:, :-1][mask]
+        if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+            losses = frozen_head_cross_entropy(picked, head, labels[mask])
+            return losses, rows, mask.sum(dim=1)
+        logits = head(picked).float()
     return F.cross_entropy(logits, labels[mask], reduction="none"), rows, mask.sum(dim=1)
 
 

@@ -14,7 +14,7 @@ from common.config import LoraSettings
 from common.data import IGNORE_INDEX, PadCollator
 from common.lora import apply_lora
 from common.models import load_base_model
-from common.tasks import _lm_parts, per_sample_loss
+from common.tasks import _lm_parts, label_token_losses, per_sample_loss
 
 
 def naive_per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -52,8 +52,11 @@ def _batch(tok) -> dict[str, torch.Tensor]:
 
 
 def test_fast_path_is_taken_for_smollm2(lm):
-    model, _ = lm
+    model, tok = lm
     assert _lm_parts(model) is not None
+    # and its frozen, tied LM head goes through the chunked cross-entropy (common/head_loss.py)
+    losses, _, _ = label_token_losses(model, _batch(tok))
+    assert type(losses.grad_fn).__name__ == "_FrozenHeadCrossEntropyBackward"
 
 
 def test_loss_and_lora_gradients_equal_the_naive_ones(lm):
