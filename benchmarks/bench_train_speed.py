@@ -11,6 +11,8 @@ batch size, through the real code paths:
                     padded to its longest example (the "before" of length chunks)
 - ``fedtune-dp-hooks`` fedtune-dp with per-example gradients from Opacus' module hooks
                     (``grad_sample_mode="hooks"``), the "before" of client/linear_grad_sample.py
+- ``fedtune-dp-logits`` (causal LM) fedtune-dp with the labelled positions' logits built in full
+                    and passed to F.cross_entropy, the "before" of common/head_loss.py
 - ``*-fullhead``    (causal LM) the same two fedtune variants with the former loss, which applied
                     the LM head at every position: the "before" of the logits-only-where-labels
                     change (common/tasks.py::label_token_losses)
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import client.trainer as trainer_mod
+import common.tasks as tasks_mod
 from client.trainer import train_local
 from common.config import RunConfig, load_config
 from common.data import IGNORE_INDEX, EncodedDataset, PadCollator, read_records
@@ -80,6 +83,17 @@ def full_head_per_sample_loss(model, batch, task):
     tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1),
                           ignore_index=IGNORE_INDEX, reduction="none").view(labels.shape)
     return tok.sum(dim=1) / (labels != IGNORE_INDEX).sum(dim=1).clamp(min=1)
+
+
+def logits_per_sample_loss(model, batch, task):
+    """The loss before common/head_loss.py: the labelled positions' logits tensor in full."""
+    fused = tasks_mod.frozen_head_cross_entropy
+    tasks_mod.frozen_head_cross_entropy = lambda hidden, head, labels: F.cross_entropy(
+        head(hidden).float(), labels, reduction="none")
+    try:
+        return per_sample_loss(model, batch, task)
+    finally:
+        tasks_mod.frozen_head_cross_entropy = fused
 
 
 def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
@@ -210,6 +224,7 @@ def bench_model(name: str, a: argparse.Namespace) -> dict:
     if task == "causal_lm":
         variants["fedtune-fullhead"] = fedtune(dp_off, full_head_per_sample_loss)
         variants["fedtune-dp-fullhead"] = fedtune(dp_on, full_head_per_sample_loss)
+        variants["fedtune-dp-logits"] = fedtune(dp_on, logits_per_sample_loss)
     if a.only:  # fedtune and fedtune-dp always run: every ratio is read against them
         if unknown := set(a.only) - set(variants):
             raise SystemExit(f"--only: no variant {', '.join(sorted(unknown))} for {name}; "
@@ -280,6 +295,11 @@ def main() -> None:
                                                           strict=True))
         print(f"  [paired] DP / non-DP (fedtune), median of the {len(runs['fedtune'])} "
               f"run-by-run ratios: {paired:.3f} (target >= 0.95)")
+        if "fedtune-dp-logits" in runs:
+            logits = statistics.median(d / h for d, h in zip(runs["fedtune-dp"],
+                                                             runs["fedtune-dp-logits"],
+                                                             strict=True))
+            print(f"  [paired] DP chunked head cross-entropy / full logits: {logits:.3f}x")
         if "fedtune-dp-hooks" in runs:
             hooks = statistics.median(d / h for d, h in zip(runs["fedtune-dp"],
                                                             runs["fedtune-dp-hooks"], strict=True))
@@ -293,6 +313,9 @@ def main() -> None:
             if "fedtune-dp-hooks" in t:
                 print(f"  [{label}] DP per-example gradients: fedtune's own "
                       f"{t['fedtune-dp'] / t['fedtune-dp-hooks']:.3f}x Opacus' hooks")
+            if "fedtune-dp-logits" in t:
+                print(f"  [{label}] chunked head cross-entropy: DP "
+                      f"{t['fedtune-dp'] / t['fedtune-dp-logits']:.3f}x the full logits tensor")
             if "fedtune-dp-whole" in t:
                 print(f"  [{label}] length chunks: DP "
                       f"{t['fedtune-dp'] / t['fedtune-dp-whole']:.3f}x "
