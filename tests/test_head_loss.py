@@ -64,3 +64,9 @@ def test_refuses_a_trainable_or_biased_head():
     biased.requires_grad_(False)
     with pytest.raises(ValueError, match="bias-free"):
         frozen_head_cross_entropy(torch.randn(2, 8), biased, torch.tensor([1, 2]))
+
+
+def test_refuses_an_ignore_index_label():
+    head = _head(8, 20)
+    with pytest.raises(ValueError, match="negative label"):
+        frozen_head_cross_entropy(torch.randn(2, 8), head, torch.tensor([1, -100]))
