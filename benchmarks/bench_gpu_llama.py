@@ -28,14 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from bench_train_speed import CountingDataset  # benchmarks/ is on sys.path when run as a script
-from torch.utils.flop_counter import FlopCounterMode
+from bench_train_speed import CountingDataset, flops_per_token, matmul_peak  # benchmarks/
 
 from client.trainer import train_local
 from common.config import LoraSettings, load_config
-from common.data import IGNORE_INDEX, EncodedDataset, PadCollator
+from common.data import IGNORE_INDEX, EncodedDataset
 from common.lora import apply_lora
-from common.tasks import per_sample_loss
 
 TINYLLAMA = {"num_hidden_layers": 22, "hidden_size": 2048, "intermediate_size": 5632,
              "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
@@ -46,21 +44,6 @@ TINY = {"num_hidden_layers": 2, "hidden_size": 256, "intermediate_size": 704,
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, reps: int = 10) -> float:
-    """Best GFLOP/s of an n x n x n matmul in `dtype` on `device`."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        torch.mm(a, b)
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def random_examples(n: int, seq: int, vocab: int, seed: int) -> EncodedDataset:
@@ -96,14 +79,6 @@ def build_model(shape: dict, dtype: torch.dtype, device: torch.device, qlora: bo
     return apply_lora(base, "causal_lm", LoraSettings(r=16, alpha=32, init_seed=1))
 
 
-def flops_per_token(model: torch.nn.Module, data: EncodedDataset, device: torch.device) -> float:
-    batch = {k: v.to(device) for k, v in PadCollator(0)([data[0]]).items()}
-    with FlopCounterMode(display=False) as fc:
-        per_sample_loss(model, batch, "causal_lm").mean().backward()
-    model.zero_grad(set_to_none=True)
-    return fc.get_total_flops() / int(batch["attention_mask"].sum())
-
-
 def bench(label: str, model: torch.nn.Module, a: argparse.Namespace, device: torch.device,
           peak: float) -> dict:
     data = CountingDataset(random_examples(a.records, a.seq, model.config.vocab_size, seed=1))
@@ -120,7 +95,7 @@ def bench(label: str, model: torch.nn.Module, a: argparse.Namespace, device: tor
         return run
 
     variants = {"LoRA (non-DP)": variant(False), "DP-LoRA": variant(True)}
-    fpt = flops_per_token(model, data.base, device)
+    fpt = flops_per_token(model, data.base, 0, "causal_lm", 1, device)
     rates: dict[str, list[float]] = {k: [] for k in variants}
     memory: dict[str, float] = {}
     for key, run in variants.items():  # warm-up: kernels, allocator, Opacus
@@ -172,7 +147,8 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device is visible (use --device cpu --tiny to "
                          "check the script on a CPU)")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peak = matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
+    peak = matmul_peak(None, 8192 if device.type == "cuda" else 1024, device=device,
+                       dtype=dtype)
     print(f"device: {name}; {a.dtype} matmul peak {peak / 1e3:.1f} TFLOP/s (measured); "
           f"torch {torch.__version__}")
     shape = TINY if a.tiny else TINYLLAMA

@@ -96,15 +96,23 @@ def logits_per_sample_loss(model, batch, task):
         tasks_mod.frozen_head_cross_entropy = fused
 
 
-def matmul_peak(threads: int, n: int = 2048, reps: int = 10) -> float:
-    """Best fp32 GFLOP/s of an n x n matmul with `threads` threads."""
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak(threads: int | None, n: int = 2048, reps: int = 10,
+                device: torch.device = torch.device("cpu"),
+                dtype: torch.dtype = torch.float32) -> float:
+    """Best GFLOP/s of an n x n matmul in `dtype` on `device` (with `threads` CPU threads, unless
+    None)."""
+    if threads is not None:
+        torch.set_num_threads(threads)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.mm(a, b)
+    sync()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         torch.mm(a, b)
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
 
@@ -128,12 +136,13 @@ def model_config(name: str, max_length: int, batch: int, threads: int) -> tuple[
     return cfg, records
 
 
-def flops_per_token(model, data: EncodedDataset, pad_id: int, task: str, n: int) -> float:
+def flops_per_token(model, data: EncodedDataset, pad_id: int, task: str, n: int,
+                    device: torch.device = torch.device("cpu")) -> float:
     """Counted FLOPs of one forward + backward (fedtune's loss) per real token, each of the first
     `n` examples run alone: the work the tokens need, with no padding counted as work."""
     flops = tokens = 0
     for i in range(min(n, len(data))):
-        b = PadCollator(pad_id)([data[i]])
+        b = {k: v.to(device) for k, v in PadCollator(pad_id)([data[i]]).items()}
         with FlopCounterMode(display=False) as fc:
             per_sample_loss(model, b, task).mean().backward()
         flops += fc.get_total_flops()

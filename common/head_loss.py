@@ -61,6 +61,11 @@ class _FrozenHeadCrossEntropy(torch.autograd.Function):
         return (grad * g.unsqueeze(1)).to(ctx.hidden_dtype), None, None, None
 
 
+def is_frozen_linear_head(head: torch.nn.Module) -> bool:
+    """Whether `frozen_head_cross_entropy` applies: a plain, bias-free nn.Linear, weight frozen."""
+    return type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+
+
 def frozen_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
                               rows: int = ROWS_PER_CHUNK) -> torch.Tensor:
     """Per-row cross-entropy of `head(hidden)` against `labels` (shape [N]), as float32.
@@ -69,8 +74,9 @@ def frozen_head_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, label
     head whose weight does not require a gradient, and labels that are all token ids (ignored
     positions already removed: there is no ignore_index). All three are checked.
     """
-    if head.bias is not None or head.weight.requires_grad:
-        raise ValueError("frozen_head_cross_entropy needs a bias-free head with a frozen weight")
+    if not is_frozen_linear_head(head):
+        raise ValueError("frozen_head_cross_entropy needs a plain, bias-free nn.Linear head "
+                         "with a frozen weight")
     if labels.numel() and int(labels.min()) < 0:
         raise ValueError("frozen_head_cross_entropy: negative label (an ignore_index?); pass only "
                          "the labelled positions")

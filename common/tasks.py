@@ -18,7 +18,7 @@ from common.data import (
     encode_classification,
     encode_instruction,
 )
-from common.head_loss import frozen_head_cross_entropy
+from common.head_loss import frozen_head_cross_entropy, is_frozen_linear_head
 from common.models import TaskKind
 
 
@@ -81,7 +81,7 @@ def label_token_losses(
             input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
         ).last_hidden_state
         picked = hidden[:, :-1][mask]
-        if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        if is_frozen_linear_head(head):
             losses = frozen_head_cross_entropy(picked, head, labels[mask])
             return losses, rows, mask.sum(dim=1)
         logits = head(picked).float()
