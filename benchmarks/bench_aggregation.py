@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.strategy import FedAvg
+from fedtune.server.strategy import FedAvg
 
 
 def lora_shapes(layers: int = 32, width: int = 4096, ffn: int = 11008,

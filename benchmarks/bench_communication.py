@@ -23,12 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common.codec import ENCODINGS, encode, fp32_bytes
-from common.config import load_config
-from common.lora import get_adapter
-from common.payload import payload_digest
-from common.runtime import get_runtime
-from common.tasks import num_labels, resolve_task
+from fedtune.common.codec import ENCODINGS, encode, fp32_bytes
+from fedtune.common.config import load_config
+from fedtune.common.lora import get_adapter
+from fedtune.common.model_cache import get_runtime
+from fedtune.common.payload import payload_digest
+from fedtune.common.tasks import num_labels, resolve_task
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("FEDTUNE_DATASETS", REPO.parent / "shared" / "datasets"))
@@ -73,7 +73,7 @@ def simulate(enc: str, a: argparse.Namespace, out: Path) -> dict:
         f"federation.update_encoding={enc}", f"output.dir={out}", f"output.run_name={name}",
         "model.max_length=64",
     ]
-    cmd = [sys.executable, "-m", "common.cli", "simulate"]
+    cmd = [sys.executable, "-m", "fedtune", "simulate"]
     for s in sets:
         cmd += ["--set", s]
     t = time.perf_counter()

@@ -3,7 +3,7 @@
 Builds the link state as `flwr.simulation.run_simulation` does (N registered nodes, one run),
 stores one message for each of `--mail` sites (the sites sampled in a round) and runs the
 engine's message-extractor loop in a thread for `--seconds`: Flower 1.39's
-`vce_api.add_messages_to_queue` against fedtune's `simulations/vce_dispatch.poll_busy_nodes`.
+`vce_api.add_messages_to_queue` against fedtune's `simulations/busy_node_dispatch.poll_busy_nodes`.
 The messages stay in the store once delivered (until their replies are pulled), as during a
 round, so this is what the loop costs all through a round. Prints the loop thread's CPU
 share (1.0 = one core busy) and checks both loops delivered the same messages.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from simulations.vce_dispatch import FLOWER_LOOP, poll_busy_nodes, run_loop
+from fedtune.simulations.busy_node_dispatch import FLOWER_LOOP, poll_busy_nodes, run_loop
 
 
 def main() -> None:

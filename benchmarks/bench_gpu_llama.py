@@ -1,6 +1,6 @@
 """GPU training speed: a ~1B-parameter Llama-shaped model, DP-LoRA vs LoRA in bf16, and QLoRA.
 
-For the issue's GPU figures (issue 6, section 1): on an H100/H200, fedtune's real training loop
+For the GPU figures of results/RESULTS.md: on an H100/H200, fedtune's real training loop
 (client/trainer.py::train_local, Opacus DP-SGD with Poisson sampling, clipping and noise) on a
 randomly initialised model of TinyLlama-1.1B's shape (22 layers, 2048 wide, 5632 FFN, 32 heads,
 4 KV heads, 32,000 tokens; speed does not depend on the weights), bf16 base, LoRA r=16 on PEFT's
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from bench_train_speed import CountingDataset, flops_per_token, matmul_peak  # benchmarks/
 
-from client.trainer import train_local
-from common.config import LoraSettings, load_config
-from common.data import IGNORE_INDEX, EncodedDataset
-from common.lora import apply_lora
+from fedtune.client.trainer import train_local
+from fedtune.common.config import LoraSettings, load_config
+from fedtune.common.data import IGNORE_INDEX, EncodedDataset
+from fedtune.common.lora import apply_lora
 
 TINYLLAMA = {"num_hidden_layers": 22, "hidden_size": 2048, "intermediate_size": 5632,
              "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}

@@ -64,7 +64,7 @@ def run(sites: int, a: argparse.Namespace) -> dict:
         f"output.dir={a.out}", f"output.run_name={name}", "model.max_length=64",
         f"federation.evaluate_every={a.evaluate_every}",
     ]
-    cmd = [sys.executable, "-m", "common.cli", "simulate"]
+    cmd = [sys.executable, "-m", "fedtune", "simulate"]
     for s in sets:
         cmd += ["--set", s]
     load0 = os.getloadavg()[0]

@@ -42,13 +42,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-import client.trainer as trainer_mod
-import common.tasks as tasks_mod
-from client.trainer import train_local
-from common.config import RunConfig, load_config
-from common.data import IGNORE_INDEX, EncodedDataset, PadCollator, read_records
-from common.runtime import get_runtime
-from common.tasks import encode_records, num_labels, per_sample_loss, resolve_task
+import fedtune.client.trainer as trainer_mod
+import fedtune.common.tasks as tasks_mod
+from fedtune.client.trainer import train_local
+from fedtune.common.config import RunConfig, load_config
+from fedtune.common.data import IGNORE_INDEX, EncodedDataset, PadCollator, read_records
+from fedtune.common.model_cache import get_runtime
+from fedtune.common.tasks import encode_records, num_labels, per_sample_loss, resolve_task
 
 DATASETS = Path(os.environ.get("FEDTUNE_DATASETS",
                                Path(__file__).resolve().parents[2] / "shared" / "datasets"))

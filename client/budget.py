@@ -14,36 +14,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from client.trainer import poisson_sample_rate
-from common.config import DPConfig
-from common.privacy import Mechanism, PrivacyBudgetError, calibrate_noise, check_delta, epsilon
+from fedtune.client.trainer import poisson_sample_rate
+from fedtune.common.config import DPConfig
+from fedtune.common.privacy import (
+    BudgetPlan,
+    Mechanism,
+    PrivacyBudgetError,
+    calibrate_noise,
+    check_delta,
+    epsilon,
+)
 
 # Opacus' calibration stops within 1% of the target from below; this absorbs float noise only.
 TARGET_SLACK = 1.001
-
-
-@dataclass(frozen=True)
-class BudgetPlan:
-    """A run's plan at one site. Stored in the ledger at the run's first round."""
-
-    noise_multiplier: float
-    sample_rate: float
-    steps_per_round: int
-    rounds: int
-    records: int
-    delta: float
-    max_grad_norm: float
-    accountant: str
-    target_epsilon: float | None  # cap on this run's epsilon
-    max_epsilon: float | None  # the site's budget over all runs in its ledger
-    calibrated: bool  # noise multiplier computed from target_epsilon (else fixed in config)
-    planned_epsilon: float  # epsilon of the whole planned run alone
-    prior_epsilon: float  # spent by earlier runs at this site
-    projected_total: float  # earlier runs + the whole planned run
-
-    @property
-    def round_mechanism(self) -> Mechanism:
-        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Runs a Flower SuperNode for this site and keeps it running:
 
 - validates site.toml before anything starts (each error names its key);
 - starts `flower-supernode` with the site's key (SuperNode authentication), the CA certificate
-  (TLS), and the site's config file as node config, so the ClientApp (client/flower_app.py)
+  (TLS), and the site's config file as node config, so the ClientApp (client/supernode_app.py)
   finds the site's private data, state directory and privacy budget;
 - when the link to the coordinator is lost (the coordinator restarts, the network drops) the
   SuperNode gives up after `daemon.link_timeout_s`, and the daemon starts a new one after an
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-from common.site_config import SiteConfig
+from fedtune.client.site_config import SiteConfig
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXIT_REFUSED = 3  # the coordinator refused this site's key and --max-restarts ran out
@@ -225,7 +225,7 @@ class SiteDaemon:
                  state_dir=str(c.state_dir), tls=not self.insecure,
                  privacy=c.privacy.model_dump(exclude_none=True), pid=os.getpid())
         # Data, state directory, ledger: checked before the SuperNode (and any training) starts.
-        from client.preflight import preflight
+        from fedtune.client.preflight import preflight
 
         problems = preflight(c)
         if problems:

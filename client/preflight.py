@@ -1,7 +1,7 @@
 """Start-up checks of a site daemon, before its SuperNode starts (and before any training).
 
 `fedtune client` (and `--check`) runs them after site.toml itself was validated
-(common/site_config.py). Each problem is one `key: problem` line that names the file, line or
+(client/site_config.py). Each problem is one `key: problem` line that names the file, line or
 key, and what to do. Nothing is written: the state-directory probe removes its own file, and the
 privacy ledger is only opened if it exists (an integrity check that writes nothing).
 
@@ -22,13 +22,13 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from common.data import DataError, read_records
-from common.input_checks import check_file_records
-from common.privacy import PrivacyBudgetError, check_delta
-from common.site_config import SiteConfig
+from fedtune.client.site_config import SiteConfig
+from fedtune.common.data import DataError, read_records
+from fedtune.common.input_checks import check_file_records
+from fedtune.common.privacy import PrivacyBudgetError, check_delta
 
 MIN_FREE_BYTES = 64 * 2**20  # ledger, Flower's home, local copies of sent updates
-LEDGER_FILE = "privacy_ledger.sqlite"  # client/ledger.py's PrivacyLedger.FILENAME
+LEDGER_FILE = "privacy_ledger.sqlite"  # common/ledger.py's PrivacyLedger.FILENAME
 
 
 def check_data(cfg: SiteConfig) -> tuple[list[str], int]:

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from client.budget import BudgetPlan, next_round, plan_run
-from client.ledger import PrivacyLedger
-from common.config import RunConfig
-from common.privacy import PrivacyBudgetError, epsilon
+from fedtune.client.budget import BudgetPlan, next_round, plan_run
+from fedtune.common.config import RunConfig
+from fedtune.common.ledger import PrivacyLedger
+from fedtune.common.privacy import PrivacyBudgetError, epsilon
 
 STATUS_OK = "ok"
 STATUS_BUDGET_EXHAUSTED = "budget_exhausted"

@@ -17,11 +17,11 @@ import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 
-from client.linear_grad_sample import linear_grad_samples, trainable_linears
-from common.config import DPConfig, TrainConfig
-from common.data import EncodedDataset, PadCollator, length_chunks
-from common.models import TaskKind
-from common.tasks import per_sample_loss
+from fedtune.client.linear_grad_sample import linear_grad_samples, trainable_linears
+from fedtune.common.config import DPConfig, TrainConfig
+from fedtune.common.data import EncodedDataset, PadCollator, length_chunks
+from fedtune.common.models import TaskKind
+from fedtune.common.tasks import per_sample_loss
 
 
 @dataclass(frozen=True)

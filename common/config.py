@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from fedtune.common.strategy_traits import STRATEGY_NAMES, STRATEGY_TRAITS
+
 
 class ConfigError(ValueError):
     """A configuration problem, with a message that names the file and the key."""
@@ -113,12 +115,7 @@ class TrainConfig(_Section):
     chunk_tokens: int = Field(1024, ge=0)
 
 
-StrategyName = Literal[
-    "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "ffa_lora", "product_svd",
-]
-STRATEGY_NAMES: tuple[str, ...] = StrategyName.__args__
-# Strategies that train and send only LoRA's B: A stays at its seeded random init (FFA-LoRA).
-FROZEN_A_STRATEGIES = frozenset({"ffa_lora"})
+StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
 
 
 class FederationConfig(_Section):
@@ -179,7 +176,7 @@ class FederationConfig(_Section):
     @property
     def freeze_lora_a(self) -> bool:
         """True when the strategy trains and sends only LoRA's B matrices."""
-        return self.strategy in FROZEN_A_STRATEGIES
+        return STRATEGY_TRAITS[self.strategy].frozen_a
 
     @model_validator(mode="after")
     def _min_le_sites(self) -> FederationConfig:
@@ -197,18 +194,20 @@ class FederationConfig(_Section):
             )
         if self.secagg:
             _check_secagg_sites(self)
-        if self.strategy == "product_svd" and self.secagg:
+        if STRATEGY_TRAITS[self.strategy].needs_plain_updates and self.secagg:
+            others = [n for n, t in STRATEGY_TRAITS.items() if not t.needs_plain_updates]
             raise ValueError(
-                "strategy 'product_svd' multiplies each site's B and A, so it needs the "
+                f"strategy {self.strategy!r} multiplies each site's B and A, so it needs the "
                 "individual updates; SecAgg+ reveals only their sum. Turn federation.secagg "
-                "off or choose fedavg / fedavgm / fedprox / fedadam / fedyogi / ffa_lora"
+                f"off or choose {' / '.join(others)}"
             )
         return self
 
 
 def secagg_threshold(num_sites: int) -> int:
-    """SecAgg+ reconstruction threshold used by the server (server/app.py): how many sites of a
-    round must survive to the end for the sum to be unmasked. Dropouts tolerated: sites - it."""
+    """SecAgg+ reconstruction threshold used by the server (server/server_app.py): how many
+    sites of a round must survive to the end for the sum to be unmasked. Dropouts tolerated:
+    sites - it."""
     return max(2, (2 * num_sites) // 3)
 
 
@@ -234,7 +233,7 @@ def _check_secagg_sites(fed: FederationConfig) -> None:
 
 
 # Strategies whose aggregate is the mean of the site updates: what site-level DP noise assumes.
-CENTRAL_DP_STRATEGIES = frozenset({"fedavg", "fedprox", "ffa_lora"})
+CENTRAL_DP_STRATEGIES = frozenset(n for n, t in STRATEGY_TRAITS.items() if t.mean_aggregate)
 
 
 class CentralDPConfig(_Section):

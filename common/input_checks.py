@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from common.config import RunConfig
-from common.data import DataError, Record, _chat_turns, _field
+from fedtune.common.config import RunConfig
+from fedtune.common.data import DataError, Record, _chat_turns, _field
 
 MAX_RECORD_CHARS = 1_000_000
 LONG_CHARS_PER_TOKEN = 8  # ~4 characters per token: 8 per token of the window is ~2x too long

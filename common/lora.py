@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from common.atomic import fsync_dir
-from common.config import LoraSettings
-from common.models import TaskKind
+from fedtune.common.atomic import fsync_dir
+from fedtune.common.config import LoraSettings
+from fedtune.common.models import TaskKind
 
 
 def apply_lora(
@@ -33,7 +33,7 @@ def apply_lora(
     same values on CPU and GPU sites, with PEFT's distribution (kaiming-uniform, a=sqrt(5):
     U(-1/sqrt(fan_in), 1/sqrt(fan_in))); B stays zero, and only B (and any head) is trainable.
     """
-    from common.heads import MeanPoolingClassifier
+    from fedtune.common.heads import MeanPoolingClassifier
 
     custom_head = isinstance(base, MeanPoolingClassifier)
     config = LoraConfig(

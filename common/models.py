@@ -178,7 +178,7 @@ def load_base_model(
         AutoTokenizer,
     )
 
-    from common.heads import (
+    from fedtune.common.heads import (
         MeanPoolingClassifier,
         model_normalizes,
         model_pooling,

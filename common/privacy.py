@@ -11,6 +11,7 @@ import functools
 import json
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,8 @@ import opacus
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
-from common.atomic import atomic_write_text
-from common.models import default_cache_dir
+from fedtune.common.atomic import atomic_write_text
+from fedtune.common.models import default_cache_dir
 
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -156,3 +157,27 @@ def _opacus_calibration(
             f"cannot reach epsilon {target_epsilon} with {steps} steps at sample rate "
             f"{sample_rate:.4g}: {e}"
         ) from None
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    """A run's plan at one site. Stored in the ledger at the run's first round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+    records: int
+    delta: float
+    max_grad_norm: float
+    accountant: str
+    target_epsilon: float | None  # cap on this run's epsilon
+    max_epsilon: float | None  # the site's budget over all runs in its ledger
+    calibrated: bool  # noise multiplier computed from target_epsilon (else fixed in config)
+    planned_epsilon: float  # epsilon of the whole planned run alone
+    prior_epsilon: float  # spent by earlier runs at this site
+    projected_total: float  # earlier runs + the whole planned run
+
+    @property
+    def round_mechanism(self) -> Mechanism:
+        return (self.noise_multiplier, self.sample_rate, self.steps_per_round)

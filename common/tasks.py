@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.config import RunConfig
-from common.data import (
+from fedtune.common.config import RunConfig
+from fedtune.common.data import (
     IGNORE_INDEX,
     EncodedDataset,
     PadCollator,
@@ -18,8 +18,8 @@ from common.data import (
     encode_classification,
     encode_instruction,
 )
-from common.head_loss import frozen_head_cross_entropy, is_frozen_linear_head
-from common.models import TaskKind
+from fedtune.common.head_loss import frozen_head_cross_entropy, is_frozen_linear_head
+from fedtune.common.models import TaskKind
 
 
 def encode_records(
@@ -154,7 +154,7 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray) -> float:
 
 def resolve_task(cfg: RunConfig) -> TaskKind:
     """The configured task, or the one the embedded model is meant for."""
-    from common.models import default_task
+    from fedtune.common.models import default_task
 
     return default_task(cfg.model.name) if cfg.task.kind == "auto" else cfg.task.kind
 

@@ -7,8 +7,8 @@
    state directory (`FLWR_HOME`), never in the user's home.
 3. Registers every site public key in `<certs>/registry/` with the SuperLink
    (`flwr supernode register`): a SuperNode whose key is not registered is refused.
-4. Writes a small Flower app (pyproject.toml whose components are `server.flower_app:app` and
-   `client.flower_app:app`, run config = the effective fedtune config as JSON) and submits it
+4. Writes a small Flower app (pyproject.toml whose components are `server.superlink_app:app` and
+   `client.supernode_app:app`, run config = the effective fedtune config as JSON) and submits it
    with `flwr run`. The SuperLink runs the ServerApp; the sites' SuperNodes run the ClientApp.
 5. Follows the run (Control API) and the round records in `metrics.jsonl` until it finishes,
    then stops the SuperLink.
@@ -34,14 +34,11 @@ from pathlib import Path
 
 import tomli_w
 
-from common.certs import CertPaths, registered_keys
-from common.config import ConfigError, RunConfig, config_to_toml, load_config
-from common.data import Record, read_label_set, read_records, write_jsonl
-from common.tasks import resolve_task
-from server.flower_app import RESUME_KEY, RUN_CONFIG_KEY, RUN_NAME_KEY, run_paths
+from fedtune.common.run_layout import RunLayout
+from fedtune.server.certs import CertPaths, registered_keys
+from fedtune.server.deployment_run import PreparedDeployment, write_flower_app
 
 CONNECTION = "fedtune"  # name of the SuperLink connection in FLWR_HOME/config.toml
-APP_NAME = "fedtune-run"
 
 
 class CoordinatorError(RuntimeError):
@@ -71,157 +68,6 @@ class CoordinatorOptions:
     @property
     def log_path(self) -> Path:
         return self.state_dir / "logs" / "superlink.log"
-
-
-@dataclass
-class PreparedDeployment:
-    cfg: RunConfig
-    run_name: str
-    run_dir: Path
-    eval_path: Path
-    resume: bool = False  # `--resume`: continue after the last completed round
-    resumed_after: int | None = None  # that round (None: none completed, start at round 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# The run directory.
-
-
-def deployment_config(cfg: RunConfig) -> RunConfig:
-    """The run configuration as deployed: SecAgg+ on unless explicitly off, absolute paths."""
-    data = cfg.model_dump(mode="json")
-    if data["federation"].get("secagg") is None:
-        data["federation"]["secagg"] = True
-    data["output"]["dir"] = str(Path(cfg.output.dir).expanduser().resolve())
-    try:
-        return RunConfig.model_validate(data)
-    except Exception as e:  # pydantic ValidationError: cross-checks that involve SecAgg+
-        raise ConfigError(f"invalid configuration for a deployment: {e}") from None
-
-
-def _heldout(cfg: RunConfig, task: str) -> tuple[list[Record], list[Record]]:
-    """(records that define the label set, held-out evaluation records) at the coordinator."""
-    from simulations.runner import _load_source, _split_eval
-
-    if cfg.data.eval:
-        held = read_records(cfg.data.eval)[: cfg.data.max_eval_records]
-        return held, held
-    if cfg.data.train == "demo" or Path(cfg.data.train).is_file():
-        records = _load_source(cfg, task)
-        _, held = _split_eval(cfg, records)
-        return records, held
-    raise ConfigError(
-        "the coordinator needs a held-out evaluation file: set data.eval (the sites' training "
-        "data stays at the sites)"
-    )
-
-
-def _flat(data: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _latest_run(out_dir: Path) -> str:
-    runs = ([d for d in out_dir.iterdir() if (d / "config.toml").is_file()]
-            if out_dir.is_dir() else [])
-    if not runs:
-        raise ConfigError(f"--resume: no run to resume in {out_dir}; name it with "
-                          "--set output.run_name=RUN")
-    return max(runs, key=lambda d: d.stat().st_mtime).name
-
-
-def _prepare_resume(cfg: RunConfig) -> PreparedDeployment:
-    """`fedtune server --resume`: the existing run directory, with its own configuration."""
-    from server.state import load_state
-
-    run_name = cfg.output.run_name or _latest_run(Path(cfg.output.dir))
-    run_dir, eval_path = run_paths(cfg, run_name)
-    stored_path = run_dir / "config.toml"
-    if not stored_path.is_file() or not eval_path.is_file():
-        raise ConfigError(f"--resume: {run_dir} holds no fedtune run (no config.toml / "
-                          "eval.jsonl); start it without --resume")
-    stored = deployment_config(load_config(stored_path))
-    given = cfg
-    if not given.data.labels:
-        given = given.model_copy(update={"data": given.data.model_copy(
-            update={"labels": stored.data.labels})})
-    a = _flat(stored.model_dump(mode="json"))
-    b = _flat(given.model_dump(mode="json"))
-    differ = [k for k in sorted(set(a) | set(b)) if k != "output.run_name" and a.get(k) != b.get(k)]
-    if differ:
-        raise ConfigError(
-            f"--resume continues run {run_name!r} with the configuration it started with "
-            f"({stored_path}), but this one differs in: "
-            + ", ".join(f"{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in differ)
-            + ". Resume with the same settings (e.g. --config " + str(stored_path) + ")"
-        )
-    state = load_state(run_dir)
-    return PreparedDeployment(stored, run_name, run_dir, eval_path, resume=True,
-                              resumed_after=state.round if state else None)
-
-
-def prepare_deployment(cfg: RunConfig, *, resume: bool = False) -> PreparedDeployment:
-    cfg = deployment_config(cfg)
-    if resume:
-        return _prepare_resume(cfg)
-    task = resolve_task(cfg)
-    run_name = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
-    run_dir, eval_path = run_paths(cfg, run_name)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
-            f"run directory {run_dir} already exists; choose another output.run_name"
-        )
-    label_source, held = _heldout(cfg, task)
-    if task == "classification" and not cfg.data.labels:
-        labels = read_label_set(label_source, cfg.data.label_column)
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(eval_path, [r.fields for r in held])
-    (run_dir / "config.toml").write_text(config_to_toml(cfg))
-    return PreparedDeployment(cfg, run_name, run_dir, eval_path)
-
-
-# ---------------------------------------------------------------------------------------------
-# The Flower app that `flwr run` submits.
-
-
-def write_flower_app(directory: Path, prepared: PreparedDeployment) -> Path:
-    """A minimal Flower app: its components are fedtune's module-level apps (installed in the
-    environment of the SuperLink and of every SuperNode), its run config the fedtune config."""
-    directory.mkdir(parents=True, exist_ok=True)
-    project = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {
-            "name": APP_NAME,
-            "version": "1.0.0",
-            "description": "A fedtune federated DP-LoRA run (generated by `fedtune server`).",
-            "license": "Apache-2.0",
-            "dependencies": [],
-        },
-        "tool": {"flwr": {"app": {
-            "publisher": "fedtune",
-            "components": {
-                "serverapp": "server.flower_app:app",
-                "clientapp": "client.flower_app:app",
-            },
-            "config": {
-                RUN_CONFIG_KEY: prepared.cfg.model_dump_json(),
-                RUN_NAME_KEY: prepared.run_name,
-                RESUME_KEY: prepared.resume,
-            },
-        }}},
-    }
-    path = directory / "pyproject.toml"
-    path.write_text(tomli_w.dumps(project), encoding="utf-8")
-    (directory / "README.md").write_text(
-        "Generated by `fedtune server` for one run; the code is the installed fedtune package.\n"
-    )
-    return directory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -477,7 +323,7 @@ class Coordinator:
     def follow(self, run_id: int, prepared: PreparedDeployment,
                on_round: Callable[[dict], None], poll_s: float = 3.0) -> str:
         """Wait for the run to finish; call `on_round` for each new metrics record."""
-        metrics_path = prepared.run_dir / "metrics.jsonl"
+        metrics_path = RunLayout(prepared.run_dir).metrics
         # Lines already shown (a resumed run's file holds earlier rounds, and is rewritten once
         # when the ServerApp drops an interrupted round's line): shown once, by content.
         seen: set[str] = set()

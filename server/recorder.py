@@ -12,10 +12,11 @@ from typing import Protocol
 import numpy as np
 from flwr.common import NDArrays, Scalar
 
-from common.data import EncodedDataset
-from common.lora import save_adapter, set_adapter
-from common.runtime import ModelRuntime
-from common.tasks import evaluate
+from fedtune.common.data import EncodedDataset
+from fedtune.common.lora import save_adapter, set_adapter
+from fedtune.common.model_cache import ModelRuntime
+from fedtune.common.run_layout import RunLayout
+from fedtune.common.tasks import evaluate
 
 
 class RoundListener(Protocol):
@@ -60,8 +61,9 @@ class RunRecorder:
         self.rt = runtime
         self.eval_data = eval_data
         self.listener = listener or NullListener()
-        self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.adapter_dir = self.run_dir / "adapter"
+        self.layout = RunLayout(self.run_dir)
+        self.metrics_path = self.layout.metrics
+        self.adapter_dir = self.layout.adapter
         self._site_metrics: dict[int, list[dict]] = {}
         self._round_started: dict[int, float] = {}
         self._central_dp: dict[int, dict] = {}
@@ -93,7 +95,7 @@ class RunRecorder:
         started = time.perf_counter()
         self._site_metrics[server_round] = sites
         set_adapter(self.rt.model, adapter)
-        save_adapter(self.rt.model, self.run_dir / "checkpoints" / f"round-{server_round:04d}")
+        save_adapter(self.rt.model, self.layout.checkpoint(server_round))
         save_adapter(self.rt.model, self.adapter_dir)
         self._checkpoint_seconds[server_round] = time.perf_counter() - started
 

@@ -17,7 +17,7 @@ the deltas, i.e. FedAvg. Two things can go wrong, and the parameters below preve
 - *Overflow*: the sum of N sites' integers must stay below 2**32, so the quantization range is
   `2**bits` with `bits = min(28, 31 - ceil(log2 N))` (24 bits for 100 sites, 28 for up to 8).
 
-The site hands its delta to SecAgg+ in float64 (client/flower_app.py): Flower's quantizer
+The site hands its delta to SecAgg+ in float64 (client/supernode_app.py): Flower's quantizer
 computes `delta + clipping_range` in the input's dtype, and float32 would limit the precision to
 about `clipping_range * 2**-24` whatever the quantization range.
 

@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_write, atomic_write_text
+from fedtune.common.atomic import atomic_write, atomic_write_text
+from fedtune.common.run_layout import RunLayout
 
 STATE_FILE = "server_state.npz"
 FORMAT = 1
@@ -145,7 +146,7 @@ def load_state(run_dir: Path) -> ServerState | None:
 
 
 def checkpoint_dir(run_dir: Path, server_round: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"round-{server_round:04d}"
+    return RunLayout(Path(run_dir)).checkpoint(server_round)
 
 
 def load_checkpoint(model: Any, directory: Path) -> list[np.ndarray]:
@@ -154,7 +155,7 @@ def load_checkpoint(model: Any, directory: Path) -> list[np.ndarray]:
     from peft import set_peft_model_state_dict
     from safetensors.numpy import load_file
 
-    from common.lora import get_adapter
+    from fedtune.common.lora import get_adapter
 
     weights = Path(directory) / "adapter_model.safetensors"
     if not weights.is_file():
@@ -179,7 +180,7 @@ def recover_adapter_dir(directory: Path) -> None:
 def _drop_incomplete(run_dir: Path, state: ServerState | None) -> None:
     """Undo what an interrupted round left: newer checkpoints, temporary dirs, metrics lines."""
     last = state.round if state else -1
-    ckpts = Path(run_dir) / "checkpoints"
+    ckpts = RunLayout(Path(run_dir)).checkpoints
     if ckpts.is_dir():
         for d in ckpts.iterdir():
             if d.name.startswith("."):  # an interrupted save_adapter's temporary directory
@@ -188,8 +189,8 @@ def _drop_incomplete(run_dir: Path, state: ServerState | None) -> None:
                 shutil.rmtree(d, ignore_errors=True)
     for d in Path(run_dir).glob(".adapter-*"):
         shutil.rmtree(d, ignore_errors=True)
-    recover_adapter_dir(Path(run_dir) / "adapter")
-    metrics = Path(run_dir) / "metrics.jsonl"
+    recover_adapter_dir(RunLayout(Path(run_dir)).adapter)
+    metrics = RunLayout(Path(run_dir)).metrics
     if metrics.exists():
         kept = []
         for line in metrics.read_text(encoding="utf-8").splitlines():
@@ -224,7 +225,7 @@ def prepare_resume(run_dir: Path, run_id: str, model: Any) -> ResumePoint | None
     if state.adapter_round > 0:
         adapter = load_checkpoint(model, checkpoint_dir(run_dir, state.adapter_round))
     else:
-        from common.lora import get_adapter
+        from fedtune.common.lora import get_adapter
 
         adapter = get_adapter(model)  # the seeded initial adapter of a freshly built model
     return ResumePoint(state, adapter)

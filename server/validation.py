@@ -21,7 +21,7 @@ norm bound: a mean of updates within the bound is within it too, so an aggregate
 proves at least one bad update), and a failing aggregate discards the whole round: the culprit
 cannot be singled out. The per-site metadata (layout digest) is still checked per site, since it
 travels in plain text, and so does any mismatch it reveals. Each site also checks its own plain
-update before masking it (client/flower_app.py), which catches an honest site's numerical fault.
+update before masking it (client/supernode_app.py), which catches an honest site's numerical fault.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from common.codec import CodecError, decode
-from common.lora import LAYOUT_METRIC
+from fedtune.common.codec import CodecError, decode
+from fedtune.common.lora import LAYOUT_METRIC
+from fedtune.common.update_checks import check_values
 
 ACCEPTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -81,21 +82,6 @@ def check_structure(arrays: Sequence[np.ndarray], shapes: Sequence[tuple[int, ..
             return f"tensor {i} has dtype {a.dtype}, expected float32"
         if tuple(a.shape) != tuple(shape):
             return f"tensor {i} has shape {tuple(a.shape)}, expected {tuple(shape)}"
-    return None
-
-
-def check_values(arrays: Sequence[np.ndarray], max_norm: float | None) -> str | None:
-    """Finite values, and the L2 norm over all tensors within `max_norm`."""
-    sq = 0.0
-    for i, a in enumerate(arrays):
-        if not np.isfinite(np.sum(a, dtype=np.float64)):  # no temporary; float64 cannot overflow
-            bad = "NaN" if np.isnan(a).any() else "Inf"
-            return f"tensor {i} contains {bad} values"
-        flat = a.ravel()
-        sq += float(np.einsum("i,i->", flat, flat, dtype=np.float64))  # no float32 overflow
-    norm = float(np.sqrt(sq))
-    if max_norm is not None and not norm <= max_norm:
-        return (f"L2 norm {norm:.4g} is above federation.max_update_norm = {max_norm:g}")
     return None
 
 

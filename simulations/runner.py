@@ -19,24 +19,24 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from client.app import SiteSpec, build_client_app
-from client.budget import BudgetPlan, plan_run
-from common.config import RunConfig, config_to_toml
-from common.data import DataError, Record, read_label_set, read_records, write_jsonl
-from common.demo_data import classification_demo, instruction_demo
-from common.input_checks import check_file_records, check_task_records, warn_long_records
-from common.models import ensure_cached
-from common.tasks import resolve_task
-from server.app import build_server_app
-from server.recorder import RoundListener
-from simulations import partition
+from fedtune.client.budget import BudgetPlan, plan_run
+from fedtune.client.client_app import SiteSpec, build_client_app
+from fedtune.common.config import RunConfig, config_to_toml
+from fedtune.common.data import DataError, Record, read_label_set, write_jsonl
+from fedtune.common.input_checks import check_file_records, check_task_records, warn_long_records
+from fedtune.common.models import ensure_cached
+from fedtune.common.run_layout import RunLayout, claim_run_dir, new_run_name
+from fedtune.common.splits import load_source, split_eval
+from fedtune.common.tasks import resolve_task
+from fedtune.server.recorder import RoundListener
+from fedtune.server.server_app import build_server_app
+from fedtune.simulations import partition
 
 
 @dataclass
@@ -47,34 +47,6 @@ class PreparedRun:
     eval_path: Path
     sites: list[SiteSpec]
     groups: list[str] | None  # natural split: the column value of each site
-
-
-def _load_source(cfg: RunConfig, task: str) -> list[Record]:
-    if cfg.data.train == "demo":
-        rows = (classification_demo if task == "classification" else instruction_demo)(
-            cfg.data.demo_records, cfg.data.seed
-        )
-        return [Record(r, "demo", i + 1) for i, r in enumerate(rows)]
-    return read_records(cfg.data.train)
-
-
-def _split_eval(cfg: RunConfig, records: list[Record]) -> tuple[list[Record], list[Record]]:
-    """(training records, held-out records for the server), both in file order."""
-    rng = np.random.default_rng(cfg.data.seed + 1)
-    if cfg.data.eval:
-        held = read_records(cfg.data.eval)
-        return records, _sample(held, cfg.data.max_eval_records, rng)
-    perm = rng.permutation(len(records))
-    n_eval = max(1, int(len(records) * cfg.data.eval_fraction))
-    held = _sample([records[i] for i in sorted(perm[:n_eval])], cfg.data.max_eval_records, rng)
-    return [records[i] for i in sorted(perm[n_eval:])], held
-
-
-def _sample(records: list[Record], n: int, rng: np.random.Generator) -> list[Record]:
-    """A uniform subset: the first n of a file sorted by label would hold only a few labels."""
-    if len(records) <= n:
-        return records
-    return [records[i] for i in sorted(rng.choice(len(records), n, replace=False))]
 
 
 def _partition(cfg: RunConfig, records: list[Record]) -> tuple[list[np.ndarray], list[str] | None]:
@@ -97,15 +69,13 @@ def _column(rec: Record, key: str | None) -> str:
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Make the run directory, split data into sites and a held-out set. Touches no model."""
     task = resolve_task(cfg)
-    run_id = cfg.output.run_name or time.strftime("run-%Y%m%d-%H%M%S")
+    run_id = new_run_name(cfg.output.run_name)
     run_dir = Path(cfg.output.dir) / run_id
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(
-            f"run directory {run_dir} already exists; choose another output.run_name"
-        )
-    records = _load_source(cfg, task)
+    claim_run_dir(run_dir)
+    layout = RunLayout(run_dir)
+    records = load_source(cfg, task)
     check_file_records(records)  # every problem names file:line:key, before anything is written
-    train, held = _split_eval(cfg, records)
+    train, held = split_eval(cfg, records)
     if task == "classification" and not cfg.data.labels:
         labels = read_label_set(records, cfg.data.label_column)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
@@ -126,13 +96,13 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
                     rounds=cfg.federation.rounds, local_steps=cfg.train.local_steps,
                     where=f"site-{k} ({len(idx)} records): ",
                 )
-            site_dir = run_dir / "sites" / f"site-{k}"
+            site_dir = layout.site_dir(f"site-{k}")
             write_jsonl(site_dir / "data" / "train.jsonl", [train[i].fields for i in idx])
             sites.append(SiteSpec(f"site-{k}", site_dir / "data" / "train.jsonl",
                                   site_dir / "state"))
-        eval_path = run_dir / "eval.jsonl"
+        eval_path = layout.eval_data
         write_jsonl(eval_path, [r.fields for r in held])
-        (run_dir / "config.toml").write_text(config_to_toml(cfg))
+        layout.config.write_text(config_to_toml(cfg))
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -145,9 +115,9 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
     """Run the federation with Flower's simulation engine; returns the metrics records."""
     from flwr.simulation import run_simulation
 
-    from simulations import vce_dispatch
+    from fedtune.simulations import busy_node_dispatch
 
-    vce_dispatch.install()  # Flower polls all N nodes 10x a second; poll only those with mail
+    busy_node_dispatch.install()  # Flower polls all N nodes 10x a second; poll only those with mail
     cfg = prepared.cfg
     ensure_cached(cfg.model.name, cfg.model.cache_dir)  # build once, before workers start
     parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
@@ -189,7 +159,7 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunLayout(Path(run_dir)).metrics
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

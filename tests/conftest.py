@@ -27,7 +27,7 @@ def run_fedtune(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the real `fedtune` CLI in a subprocess (fresh Ray, fresh Flower)."""
     env = {**os.environ, "COLUMNS": "160", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(
-        [sys.executable, "-m", "common.cli", *args],
+        [sys.executable, "-m", "fedtune", *args],
         capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env,
     )
 

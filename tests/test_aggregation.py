@@ -3,7 +3,7 @@
 import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.strategy import FedAvg
+from fedtune.server.strategy import FedAvg
 
 
 def _reply(delta, n, **metrics):

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.preflight import check_state_dir, preflight
-from common.config import ConfigError, load_config
-from common.data import DataError, Record, read_records, write_jsonl
-from common.input_checks import check_file_records, check_task_records, warn_long_records
-from common.site_config import load_site_config
+from fedtune.client.preflight import check_state_dir, preflight
+from fedtune.client.site_config import load_site_config
+from fedtune.common.config import ConfigError, load_config
+from fedtune.common.data import DataError, Record, read_records, write_jsonl
+from fedtune.common.input_checks import check_file_records, check_task_records, warn_long_records
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = [{"text": f"my card number {i} was declined", "label": "ab"[i % 2]} for i in range(20)]
@@ -108,7 +108,7 @@ def test_damaged_ledger_stops_the_site(tmp_path):
     assert len(problems) == 1 and "privacy ledger" in problems[0]
     assert "must not train without its ledger" in problems[0]
 
-    from client.ledger import PrivacyLedger
+    from fedtune.common.ledger import PrivacyLedger
 
     (tmp_path / "state" / "privacy_ledger.sqlite").unlink()
     PrivacyLedger(tmp_path / "state", "h-1").record_decline(run_id="r", round=1, reason="x")
@@ -123,7 +123,7 @@ def test_site_delta_not_below_one_over_records(tmp_path):
 
 
 def _cli(*args: str, cwd: Path, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=cwd, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=cwd, timeout=timeout,
                           capture_output=True, text=True,
                           env={**os.environ, "COLUMNS": "200", "PYTHONWARNINGS": "ignore"})
 
@@ -177,10 +177,10 @@ def test_long_texts_are_truncated_with_a_warning(caplog):
 
 def test_bad_label_at_run_start_spends_nothing(tmp_path):
     """The site's first round of a run: the data is checked before the ledger records a spend."""
-    from client.app import FedtuneClient, SiteSpec
-    from client.ledger import PrivacyLedger
-    from common.lora import get_adapter
-    from common.runtime import get_runtime
+    from fedtune.client.client_app import FedtuneClient, SiteSpec
+    from fedtune.common.ledger import PrivacyLedger
+    from fedtune.common.lora import get_adapter
+    from fedtune.common.model_cache import get_runtime
 
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", "model.max_length=16",
                              'data.labels=["a", "b"]', "train.local_steps=1"])
@@ -199,8 +199,8 @@ def test_bad_label_at_run_start_spends_nothing(tmp_path):
 
 
 def test_simulation_refuses_bad_data_and_leaves_nothing(tmp_path):
-    from common.privacy import PrivacyBudgetError
-    from simulations.runner import prepare_run
+    from fedtune.common.privacy import PrivacyBudgetError
+    from fedtune.simulations.runner import prepare_run
 
     _jsonl(tmp_path / "data.jsonl", [json.dumps(r) for r in GOOD] + ['{"text": "x"}'])
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", f"data.train={tmp_path}/data.jsonl",
@@ -240,7 +240,7 @@ def test_contradictory_settings_are_refused_with_the_fix(overrides, expected):
 
 
 def test_deployment_turns_secagg_on_and_then_needs_three_sites():
-    from server.coordinator import deployment_config
+    from fedtune.server.coordinator import deployment_config
 
     cfg = load_config(None, ["federation.num_sites=2"])  # fine for a simulation (no SecAgg+)
     with pytest.raises(ConfigError, match="SecAgg.*at least 3 sites.*federation.secagg = false"):

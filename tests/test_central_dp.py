@@ -13,10 +13,10 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 
-from client.central_clip import clip_delta_if_asked
-from common.config import ConfigError, RunConfig, load_config
-from server.strategy.central_dp import with_central_dp
-from server.strategy.fedavg import FedAvg
+from fedtune.client.central_clip import clip_delta_if_asked
+from fedtune.common.config import ConfigError, RunConfig, load_config
+from fedtune.server.strategy.central_dp import with_central_dp
+from fedtune.server.strategy.fedavg import FedAvg
 
 # Large weights, small updates: clipping the weights instead of the updates would be obvious.
 GLOBAL = [np.full(400, 10.0, dtype=np.float64), np.full((20, 30), -5.0, dtype=np.float64)]

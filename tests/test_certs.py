@@ -13,7 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
-from common.certs import (
+from fedtune.server.certs import (
     CertError,
     CertPaths,
     create_site_key,
@@ -31,7 +31,7 @@ def mode(p: Path) -> int:
 
 
 def fedtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
                           env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"})
 

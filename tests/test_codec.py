@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from common.codec import METRIC_KEY, CodecError, decode, encode
-from common.config import ConfigError, load_config
-from common.payload import payload_digest
-from server.strategy import FedAdam, FedAvg
+from fedtune.common.codec import METRIC_KEY, CodecError, decode, encode
+from fedtune.common.config import ConfigError, load_config
+from fedtune.common.payload import payload_digest
+from fedtune.server.strategy import FedAdam, FedAvg
 
 
 def _delta(seed: int = 0) -> list[np.ndarray]:

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, RunConfig, load_config
+from fedtune.common.config import ConfigError, RunConfig, load_config
 from tests.conftest import run_fedtune
 
 

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from common.config import load_config
-from common.data import IGNORE_INDEX, DataError, PadCollator, read_records
-from common.models import load_base_model, resolve_model_path
-from common.tasks import encode_records
+from fedtune.common.config import load_config
+from fedtune.common.data import IGNORE_INDEX, DataError, PadCollator, read_records
+from fedtune.common.models import load_base_model, resolve_model_path
+from fedtune.common.tasks import encode_records
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_classification_label_not_in_set(tmp_path):
 
 def test_offline_hub_id_gives_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from common.models import ModelLoadError
+    from fedtune.common.models import ModelLoadError
 
     with pytest.raises(ModelLoadError, match="offline|local Hugging Face model directory"):
         load_base_model("some-org/not-a-local-model", "causal_lm")

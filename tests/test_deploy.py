@@ -54,7 +54,7 @@ def listening(port: int) -> bool:
 
 
 def fedtune_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "common.cli", *args]
+    return [sys.executable, "-m", "fedtune", *args]
 
 
 def env() -> dict[str, str]:
@@ -155,8 +155,8 @@ def _site_toml(root: Path, site: str, fleet_port: int, runtime_port: int, *,
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Deployment:
-    from common.config import load_config
-    from common.deploy_cli import write_demo_data
+    from fedtune.cli.deploy import write_demo_data
+    from fedtune.common.config import load_config
 
     root = tmp_path_factory.mktemp("deploy")
     for args in (["init"], ["server", "--host", "127.0.0.1"],
@@ -257,7 +257,7 @@ def test_run_completes_with_adapter_and_site_epsilons(finished: Deployment):
 
     # Each site's ledger holds both rounds; the metrics show its epsilon; site-0's own budget
     # (4.0, from its site.toml) is respected and below the others' (run target 8.0).
-    from client.ledger import PrivacyLedger
+    from fedtune.common.ledger import PrivacyLedger
 
     final = {s["site_id"]: s for s in records[-1]["sites"]}
     assert sorted(final) == SITES
@@ -276,7 +276,7 @@ def test_run_completes_with_adapter_and_site_epsilons(finished: Deployment):
     from safetensors.numpy import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from common.models import resolve_model_path
+    from fedtune.common.models import resolve_model_path
 
     adapter = run_dir / "adapter"
     tensors = load_file(adapter / "adapter_model.safetensors")
@@ -302,7 +302,7 @@ def _adapter_arrays(run_dir: Path, name: str, model) -> list[np.ndarray]:
     from peft import set_peft_model_state_dict
     from safetensors.numpy import load_file
 
-    from common.lora import get_adapter
+    from fedtune.common.lora import get_adapter
 
     sd = load_file(run_dir / "checkpoints" / name / "adapter_model.safetensors")
     set_peft_model_state_dict(model, {k: torch.from_numpy(v) for k, v in sd.items()})
@@ -313,10 +313,10 @@ def test_secagg_aggregate_equals_plain_and_server_holds_no_site_delta(finished: 
     """Round 2's global step, computed by SecAgg+ from masked updates, equals the example-
     weighted mean of the sites' own copies of what they sent, within the quantization error; and
     no individual delta (nor a site's local model) appears in any file the coordinator keeps."""
-    from common.config import load_config
-    from common.runtime import get_runtime
-    from common.tasks import num_labels, resolve_task
-    from server.secagg import aggregate_error_bound, secagg_params
+    from fedtune.common.config import load_config
+    from fedtune.common.model_cache import get_runtime
+    from fedtune.common.tasks import num_labels, resolve_task
+    from fedtune.server.secagg import aggregate_error_bound, secagg_params
 
     assert finished.server.popen.returncode == 0
     run_dir = finished.run_dir
@@ -375,7 +375,7 @@ def test_secagg_aggregate_equals_plain_and_server_holds_no_site_delta(finished: 
 
 
 def test_site_daemons_reconnect_after_coordinator_restart(finished: Deployment):
-    from server.coordinator import Coordinator, CoordinatorOptions
+    from fedtune.server.coordinator import Coordinator, CoordinatorOptions
 
     def connects(site: str) -> int:
         # "connected": a SuperNode (re)started and registered; "connection_ok": a running
@@ -440,6 +440,6 @@ def test_site_daemon_stops_cleanly_on_sigterm(finished: Deployment):
             with pytest.raises(ProcessLookupError):
                 os.killpg(pgid, 0)
     # the ledger is intact and readable after the stop
-    from client.ledger import PrivacyLedger
+    from fedtune.common.ledger import PrivacyLedger
 
     assert len(PrivacyLedger(finished.state("site-1"), "site-1").rows(RUN)) == 2

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from common.certs import create_site_key, init_ca
-from common.config import ConfigError, DPConfig
-from common.site_config import load_site_config
+from fedtune.client.site_config import load_site_config
+from fedtune.common.config import ConfigError, DPConfig
+from fedtune.server.certs import create_site_key, init_ca
 
 
 def fedtune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120,
                           env={**os.environ, "COLUMNS": "200"})
 

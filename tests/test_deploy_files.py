@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import load_config
-from common.site_config import load_site_config
+from fedtune.client.site_config import load_site_config
+from fedtune.common.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -25,7 +25,7 @@ SITES = ["hospital-a", "hospital-b", "hospital-c"]
 
 
 def fedtune(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "common.cli", *args], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "fedtune", *args], cwd=cwd,
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "COLUMNS": "200"})
 
@@ -86,7 +86,7 @@ def test_compose_paths_exist_after_the_documented_preparation(tmp_path: Path):
         res = fedtune(*step, cwd=work)
         assert res.returncode == 0, res.stdout + res.stderr
     # demo-data needs torch: write the demo split with the same function instead of a subprocess
-    from common.deploy_cli import write_demo_data
+    from fedtune.cli.deploy import write_demo_data
 
     check_fedtune_args(["demo-data", "--config", "x", "--sites", "3", "--out", "x"])
     write_demo_data(load_config(work / "config" / "run.toml", ["federation.num_sites=3"]),

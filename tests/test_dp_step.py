@@ -5,11 +5,11 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 
-from common.config import LoraSettings
-from common.data import PadCollator
-from common.lora import apply_lora
-from common.models import load_base_model
-from common.tasks import per_sample_loss
+from fedtune.common.config import LoraSettings
+from fedtune.common.data import PadCollator
+from fedtune.common.lora import apply_lora
+from fedtune.common.models import load_base_model
+from fedtune.common.tasks import per_sample_loss
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +92,11 @@ def test_noise_is_added_with_the_configured_scale(cls_model):
 
 def test_training_survives_empty_poisson_batches():
     """At sample rate 1/200 about a third of Poisson batches are empty, the first one included."""
-    from client.trainer import train_local
-    from common.config import load_config
-    from common.data import EncodedDataset
-    from common.lora import get_adapter, set_adapter
-    from common.runtime import get_runtime
+    from fedtune.client.trainer import train_local
+    from fedtune.common.config import load_config
+    from fedtune.common.data import EncodedDataset
+    from fedtune.common.lora import get_adapter, set_adapter
+    from fedtune.common.model_cache import get_runtime
 
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", "data.labels=['a', 'b']",
                              "train.batch_size=1"])
@@ -121,11 +121,11 @@ def test_training_survives_empty_poisson_batches():
 def test_head_lr_sets_the_step_size_of_the_head_apart_from_lora(head_lr):
     """train.head_lr puts the classifier (PEFT modules_to_save) in its own optimizer group,
     also through Opacus' DP optimizer: LoRA keeps train.lr."""
-    from client.trainer import is_head, train_local
-    from common.config import load_config
-    from common.data import EncodedDataset
-    from common.lora import get_adapter, set_adapter, trainable_names
-    from common.runtime import get_runtime
+    from fedtune.client.trainer import is_head, train_local
+    from fedtune.common.config import load_config
+    from fedtune.common.data import EncodedDataset
+    from fedtune.common.lora import get_adapter, set_adapter, trainable_names
+    from fedtune.common.model_cache import get_runtime
 
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", "data.labels=['a', 'b']",
                              "train.batch_size=8", "train.optimizer=sgd", "train.lr=1e-4",

@@ -1,14 +1,11 @@
-"""The benchmark's DP step-size proxy (simulations/dp_step_size.py): it must score the model's
+"""The benchmark's DP step-size proxy (benchmarks/dp_step_size.py): it must score the model's
 own head, and its DP-SGD must behave like DP-SGD (noise hurts, more budget helps)."""
 
 import numpy as np
 import pytest
 import torch
 
-from common.config import load_config
-from common.data import EncodedDataset, PadCollator
-from common.runtime import get_runtime
-from simulations.dp_step_size import (
+from benchmarks.dp_step_size import (
     Features,
     Head,
     choose_lr,
@@ -16,6 +13,9 @@ from simulations.dp_step_size import (
     head_of,
     sentence_features,
 )
+from fedtune.common.config import load_config
+from fedtune.common.data import EncodedDataset, PadCollator
+from fedtune.common.model_cache import get_runtime
 
 LABELS = ["card arrival", "exchange rate", "lost or stolen card", "top up failed"]
 QUERIES = [("when will my new card arrive", 0), ("what rate do you use for euros", 1),

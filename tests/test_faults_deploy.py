@@ -145,8 +145,8 @@ def kill_site(proc: Proc) -> None:
 
 @pytest.fixture
 def scenario(tmp_path: Path):
-    from common.config import load_config
-    from common.deploy_cli import write_demo_data
+    from fedtune.cli.deploy import write_demo_data
+    from fedtune.common.config import load_config
 
     root = tmp_path
     for args in (["init"], ["server", "--host", "127.0.0.1"], *[["site", s] for s in SITES]):
@@ -202,7 +202,7 @@ def test_site_killed_mid_round_then_coordinator_killed_and_resumed(scenario: Sce
     sc.wait("coordinator ports closed",
             lambda: not listening(sc.fleet) and not listening(sc.control), timeout=60)
     assert [m["round"] for m in sc.metrics()] == [0, 1]  # round 2 never completed
-    from server.state import load_state
+    from fedtune.server.state import load_state
 
     state = load_state(sc.run_dir)
     assert state is not None and (state.run_id, state.round, state.adapter_round) == (RUN, 1, 1)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from server.state import (
+from fedtune.server.state import (
     STATE_FILE,
     ResumeError,
     ServerState,
@@ -29,7 +29,7 @@ from server.state import (
     state_after_round,
     strategy_state,
 )
-from server.strategy import FedAdam, FedAvgM
+from fedtune.server.strategy import FedAdam, FedAvgM
 
 REPO = Path(__file__).resolve().parents[1]
 GLOBAL = [np.full((6, 4), 0.25, np.float32), np.zeros(3, np.float32)]
@@ -86,9 +86,9 @@ def test_resumed_server_optimizer_continues_exactly_like_an_uninterrupted_one(tm
 
 def test_state_of_dp_wrappers_round_trips(tmp_path: Path):
     """The site-level DP accountant and the adaptive clipping norm live on the wrapper chain."""
-    from common.config import load_config
-    from server.strategy import FedAvg
-    from server.strategy.central_dp import with_central_dp
+    from fedtune.common.config import load_config
+    from fedtune.server.strategy import FedAvg
+    from fedtune.server.strategy.central_dp import with_central_dp
 
     cfg = load_config(None, ["central_dp.enabled=true", "central_dp.clipping=adaptive",
                              "central_dp.noise_multiplier=0.1"])
@@ -118,9 +118,9 @@ def _write_run(run_dir: Path, rounds_done: int, extra_round: bool) -> None:
 
 
 def test_prepare_resume_undoes_the_interrupted_round(tmp_path: Path):
-    from common.config import load_config
-    from common.lora import get_adapter, save_adapter, set_adapter
-    from common.runtime import get_runtime
+    from fedtune.common.config import load_config
+    from fedtune.common.lora import get_adapter, save_adapter, set_adapter
+    from fedtune.common.model_cache import get_runtime
 
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", 'data.labels=["a", "b"]'])
     model = get_runtime(cfg, "classification", 2).model
@@ -156,7 +156,7 @@ def test_prepare_resume_undoes_the_interrupted_round(tmp_path: Path):
 
 STATE_WRITER = """
 import sys, numpy as np
-from server.state import ServerState, save_state
+from fedtune.server.state import ServerState, save_state
 run_dir = sys.argv[1]
 big = [np.full((512, 1024), float(k), np.float32) for k in range(4)]  # 8 MiB per state
 r = 0
@@ -187,9 +187,9 @@ def test_kill_during_state_writes_leaves_a_previous_good_state(tmp_path: Path):
 ADAPTER_WRITER = """
 import sys
 from pathlib import Path
-from common.config import load_config
-from common.lora import get_adapter, save_adapter, set_adapter
-from common.runtime import get_runtime
+from fedtune.common.config import load_config
+from fedtune.common.lora import get_adapter, save_adapter, set_adapter
+from fedtune.common.model_cache import get_runtime
 cfg = load_config(None, ["model.name=all-minilm-l6-v2", 'data.labels=["a", "b"]'])
 model = get_runtime(cfg, "classification", 2).model
 base = get_adapter(model)
@@ -227,9 +227,9 @@ def test_kill_during_checkpoint_writes_leaves_a_loadable_adapter(tmp_path: Path)
 def test_crash_between_the_two_renames_is_recovered(tmp_path: Path):
     """save_adapter swaps `adapter/` for the new one with two renames; a kill between them
     leaves only `.adapter.old`. Resuming (and the next save) put the previous one back."""
-    from common.config import load_config
-    from common.lora import get_adapter, save_adapter, set_adapter
-    from common.runtime import get_runtime
+    from fedtune.common.config import load_config
+    from fedtune.common.lora import get_adapter, save_adapter, set_adapter
+    from fedtune.common.model_cache import get_runtime
 
     cfg = load_config(None, ["model.name=all-minilm-l6-v2", 'data.labels=["a", "b"]'])
     model = get_runtime(cfg, "classification", 2).model

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.head_loss import frozen_head_cross_entropy
+from fedtune.common.head_loss import frozen_head_cross_entropy
 
 
 def _head(d: int, vocab: int, dtype: torch.dtype = torch.float32) -> torch.nn.Linear:

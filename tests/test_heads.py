@@ -5,17 +5,17 @@ import json
 import pytest
 import torch
 
-from common.config import LoraSettings
-from common.data import PadCollator
-from common.heads import (
+from fedtune.common.config import LoraSettings
+from fedtune.common.data import PadCollator
+from fedtune.common.heads import (
     MeanPoolingClassifier,
     label_text,
     labels_have_names,
     model_normalizes,
     model_pooling,
 )
-from common.lora import apply_lora
-from common.models import ModelLoadError, load_base_model, resolve_model_path
+from fedtune.common.lora import apply_lora
+from fedtune.common.models import ModelLoadError, load_base_model, resolve_model_path
 
 
 def test_declared_pooling_is_read_from_the_model_directory(tmp_path):

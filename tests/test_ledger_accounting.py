@@ -12,10 +12,10 @@ import pytest
 dp_accounting = pytest.importorskip("dp_accounting")
 from dp_accounting import pld, rdp  # noqa: E402
 
-from client.budget import next_round, plan_run  # noqa: E402
-from client.ledger import PrivacyLedger  # noqa: E402
-from common.config import DPConfig  # noqa: E402
-from common.privacy import PrivacyBudgetError  # noqa: E402
+from fedtune.client.budget import next_round, plan_run  # noqa: E402
+from fedtune.common.config import DPConfig  # noqa: E402
+from fedtune.common.ledger import PrivacyLedger  # noqa: E402
+from fedtune.common.privacy import PrivacyBudgetError  # noqa: E402
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's convergence chatter
 
@@ -116,7 +116,7 @@ def test_calibrated_noise_is_kept_per_machine_and_checked_before_reuse(tmp_path:
                                                                       monkeypatch):
     import json
 
-    from common import privacy
+    from fedtune.common import privacy
 
     monkeypatch.setenv("FEDTUNE_CACHE", str(tmp_path))
     args = (3.0, 1e-5, 0.25, 40, "rdp")

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from client.app import FedtuneClient, SiteSpec
-from client.ledger import PrivacyLedger
-from common.config import config_to_toml, load_config
-from common.data import write_jsonl
-from common.demo_data import classification_demo
-from common.privacy import epsilon
+from fedtune.client.client_app import FedtuneClient, SiteSpec
+from fedtune.common.config import config_to_toml, load_config
+from fedtune.common.data import write_jsonl
+from fedtune.common.demo_data import classification_demo
+from fedtune.common.ledger import PrivacyLedger
+from fedtune.common.privacy import epsilon
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,11 @@ import os, sys
 from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from client.app import FedtuneClient, SiteSpec
-from common.config import load_config
-from common.lora import get_adapter
-from common.runtime import get_runtime
-from common.tasks import num_labels, resolve_task
+from fedtune.client.client_app import FedtuneClient, SiteSpec
+from fedtune.common.config import load_config
+from fedtune.common.lora import get_adapter
+from fedtune.common.model_cache import get_runtime
+from fedtune.common.tasks import num_labels, resolve_task
 
 cfg = load_config(sys.argv[1])
 state, data, steps_file, n = Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], int(sys.argv[5])
@@ -135,9 +135,9 @@ def test_sigkill_mid_round_never_under_counts(site, tmp_path: Path):
 
 
 def _global_adapter(cfg):
-    from common.lora import get_adapter
-    from common.runtime import get_runtime
-    from common.tasks import num_labels, resolve_task
+    from fedtune.common.lora import get_adapter
+    from fedtune.common.model_cache import get_runtime
+    from fedtune.common.tasks import num_labels, resolve_task
 
     task = resolve_task(cfg)
     return get_adapter(get_runtime(cfg, task, num_labels(cfg, task)).model)

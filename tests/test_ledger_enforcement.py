@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import PrivacyLedger
+from fedtune.common.ledger import PrivacyLedger
 from tests.conftest import FAST, run_fedtune, sets
 
 pytestmark = pytest.mark.slow
@@ -119,14 +119,14 @@ def test_central_dp_accountant_counts_the_declined_site(run_dir: Path):
 def test_declined_site_does_not_read_its_data_again(tmp_path: Path):
     """In-process site (real model, real DP-SGD): after declining, later rounds of the run
     decline without touching the data file; a later run finds the site's budget used up."""
-    from client.app import FedtuneClient, SiteSpec
-    from common.config import load_config
-    from common.data import write_jsonl
-    from common.demo_data import classification_demo
-    from common.lora import get_adapter
-    from common.privacy import epsilon
-    from common.runtime import get_runtime
-    from common.tasks import num_labels, resolve_task
+    from fedtune.client.client_app import FedtuneClient, SiteSpec
+    from fedtune.common.config import load_config
+    from fedtune.common.data import write_jsonl
+    from fedtune.common.demo_data import classification_demo
+    from fedtune.common.lora import get_adapter
+    from fedtune.common.model_cache import get_runtime
+    from fedtune.common.privacy import epsilon
+    from fedtune.common.tasks import num_labels, resolve_task
 
     rows = classification_demo(40, 5)
     data = tmp_path / "data" / "train.jsonl"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from client.trainer import train_local
-from common.config import DPConfig, LoraSettings, TrainConfig
-from common.data import EncodedDataset, PadCollator, length_chunks
-from common.lora import apply_lora, get_adapter, set_adapter
-from common.models import load_base_model
+from fedtune.client.trainer import train_local
+from fedtune.common.config import DPConfig, LoraSettings, TrainConfig
+from fedtune.common.data import EncodedDataset, PadCollator, length_chunks
+from fedtune.common.lora import apply_lora, get_adapter, set_adapter
+from fedtune.common.models import load_base_model
 
 
 def _items(n: int, seed: int = 0) -> list[dict]:

@@ -13,13 +13,13 @@ import pytest
 import torch
 from opacus import PrivacyEngine
 
-from client.linear_grad_sample import linear_grad_samples, trainable_linears
-from client.trainer import train_local
-from common.config import DPConfig, LoraSettings, TrainConfig
-from common.data import IGNORE_INDEX, EncodedDataset, PadCollator
-from common.lora import apply_lora, get_adapter, set_adapter
-from common.models import load_base_model
-from common.tasks import per_sample_loss
+from fedtune.client.linear_grad_sample import linear_grad_samples, trainable_linears
+from fedtune.client.trainer import train_local
+from fedtune.common.config import DPConfig, LoraSettings, TrainConfig
+from fedtune.common.data import IGNORE_INDEX, EncodedDataset, PadCollator
+from fedtune.common.lora import apply_lora, get_adapter, set_adapter
+from fedtune.common.models import load_base_model
+from fedtune.common.tasks import per_sample_loss
 
 
 def _lora(name: str, task: str, **kw):

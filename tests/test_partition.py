@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from simulations.partition import PartitionError, by_column, dirichlet, iid
+from fedtune.simulations.partition import PartitionError, by_column, dirichlet, iid
 
 
 def _check_disjoint_complete(parts, n):

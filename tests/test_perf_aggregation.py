@@ -9,14 +9,14 @@ import numpy as np
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy.aggregate import aggregate
 
-from client import app as client_app
-from client.app import SiteSpec, load_site_dataset
-from common.config import load_config
-from common.data import write_jsonl
-from common.runtime import get_runtime
-from server.aggregation import WeightedDeltaSum, streaming_mean
-from server.strategy import FedAvg, FedProx, FfaLora
-from server.strategy.delta import DeltaAggregation
+from fedtune.client import client_app
+from fedtune.client.client_app import SiteSpec, load_site_dataset
+from fedtune.common.config import load_config
+from fedtune.common.data import write_jsonl
+from fedtune.common.model_cache import get_runtime
+from fedtune.server.aggregation import WeightedDeltaSum, streaming_mean
+from fedtune.server.strategy import FedAvg, FedProx, FfaLora
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 def _updates(n: int, shapes: list[tuple[int, ...]], seed: int = 0):
@@ -60,7 +60,7 @@ def test_streaming_peak_memory_is_bounded_by_a_few_updates() -> None:
 def test_delta_strategies_that_average_stream() -> None:
     assert FedAvg()._streams_mean() and FedProx(proximal_mu=0.1)._streams_mean()
     assert FfaLora()._streams_mean()  # filters A digests, then FedAvg's mean
-    from server.strategy import FedAdam, ProductSvd
+    from fedtune.server.strategy import FedAdam, ProductSvd
 
     assert not FedAdam(initial_parameters=ndarrays_to_parameters([np.zeros(1)]))._streams_mean()
     assert not ProductSvd(param_names=["x.lora_A.w", "x.lora_B.w"])._streams_mean()

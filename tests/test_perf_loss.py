@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
 
-from common.config import LoraSettings
-from common.data import IGNORE_INDEX, PadCollator
-from common.lora import apply_lora
-from common.models import load_base_model
-from common.tasks import _lm_parts, label_token_losses, per_sample_loss
+from fedtune.common.config import LoraSettings
+from fedtune.common.data import IGNORE_INDEX, PadCollator
+from fedtune.common.lora import apply_lora
+from fedtune.common.models import load_base_model
+from fedtune.common.tasks import _lm_parts, label_token_losses, per_sample_loss
 
 
 def naive_per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

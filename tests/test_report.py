@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from client.ledger import PrivacyLedger
-from server.report import build_report, render_html, write_report
+from fedtune.common.ledger import PrivacyLedger
+from fedtune.report import build_report, render_html, write_report
 from tests.conftest import run_fedtune
 
 

@@ -30,8 +30,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.supercore.task_identity import TaskIdentity
 
-from common.config import secagg_threshold
-from server.secagg import DropoutTolerantSecAggPlus, secagg_params
+from fedtune.common.config import secagg_threshold
+from fedtune.server.secagg import DropoutTolerantSecAggPlus, secagg_params
 
 NODES = [101, 202, 303]
 LOST = 303
@@ -147,7 +147,7 @@ def test_flower_1_39_voids_the_round_after_an_early_dropout(lost_from):
 def test_a_round_waits_for_every_site_before_sizing_its_sample():
     """Flower's FedAvg sizes the sample from the sites connected *before* it waits for
     min_available_clients: a site reconnecting as the round starts was left out (2 of 3)."""
-    from server.strategy import FedAvg
+    from fedtune.server.strategy import FedAvg
 
     strategy = FedAvg(fraction_fit=1.0, min_fit_clients=2, min_available_clients=3,
                       initial_parameters=ndarrays_to_parameters([np.zeros(4)]))

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-from server.secagg import MODULUS_RANGE, aggregate_error_bound, quantization_bits, secagg_params
+from fedtune.server.secagg import (
+    MODULUS_RANGE,
+    aggregate_error_bound,
+    quantization_bits,
+    secagg_params,
+)
 
 
 @pytest.mark.parametrize("sites", [2, 3, 8, 9, 100, 1000])
@@ -35,7 +40,7 @@ def test_float64_input_reaches_the_quantization_grid_float32_does_not():
     err64 = np.abs(roundtrip(delta.astype(np.float64)) - delta).max()
     err32 = np.abs(roundtrip(delta.astype(np.float32)) - delta.astype(np.float32)).max()
     assert err64 <= step * 1.0001
-    assert err32 > 4 * step  # why the site hands SecAgg+ float64 (client/flower_app.py)
+    assert err32 > 4 * step  # why the site hands SecAgg+ float64 (client/supernode_app.py)
 
 
 def test_error_bound_formula():

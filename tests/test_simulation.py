@@ -52,7 +52,7 @@ def test_causal_lm_two_sites_one_round(tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from common.models import resolve_model_path
+    from fedtune.common.models import resolve_model_path
 
     path = resolve_model_path("smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)
@@ -80,7 +80,7 @@ def test_classification_minilm_two_sites(tmp_path: Path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from common.models import resolve_model_path
+    from fedtune.common.models import resolve_model_path
 
     path = resolve_model_path("all-minilm-l6-v2")
     tok = AutoTokenizer.from_pretrained(path)

@@ -1,4 +1,4 @@
-"""Federated LoRA methods (issue 5): FedProx, FedAdam, FedYogi, FFA-LoRA, product aggregation.
+"""Federated LoRA methods: FedProx, FedAdam, FedYogi, FFA-LoRA, product aggregation.
 
 Everything runs the real stack: Flower's strategies, Opacus, PEFT and the embedded MiniLM.
 """
@@ -16,14 +16,22 @@ from flwr.server.strategy import FedAdam as FlowerFedAdam
 from flwr.server.strategy import FedYogi as FlowerFedYogi
 from safetensors.numpy import load_file
 
-from client.app import FedtuneClient, SiteSpec
-from common.config import STRATEGY_NAMES, ConfigError, RunConfig, load_config
-from common.data import write_jsonl
-from common.demo_data import classification_demo
-from common.lora import get_adapter, lora_a_digest, trainable_names
-from common.runtime import get_runtime
-from server.strategy import STRATEGIES, FedAdam, FedAvgM, FedProx, FedYogi, FfaLora, ProductSvd
-from server.strategy.product_svd import aggregate_products, lora_pairs
+from fedtune.client.client_app import FedtuneClient, SiteSpec
+from fedtune.common.config import STRATEGY_NAMES, ConfigError, RunConfig, load_config
+from fedtune.common.data import write_jsonl
+from fedtune.common.demo_data import classification_demo
+from fedtune.common.lora import get_adapter, lora_a_digest, trainable_names
+from fedtune.common.model_cache import get_runtime
+from fedtune.server.strategy import (
+    STRATEGIES,
+    FedAdam,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    FfaLora,
+    ProductSvd,
+)
+from fedtune.server.strategy.product_svd import aggregate_products, lora_pairs
 from tests.conftest import FAST, run_fedtune, sets
 
 MINILM = ["model.name=all-minilm-l6-v2", "model.max_length=32", "lora.r=4"]
@@ -282,8 +290,8 @@ def test_ffa_lora_trains_and_sends_only_b_and_keeps_a(tmp_path):
     # A is the same wherever it is built: a second, independent load (other global RNG state)
     before = lora_a_digest(rt.model)
     torch.manual_seed(1234)
-    from common.lora import apply_lora
-    from common.models import load_base_model
+    from fedtune.common.lora import apply_lora
+    from fedtune.common.models import load_base_model
     base, _, _ = load_base_model("all-minilm-l6-v2", "classification",
                                  num_labels=len(ffa.data.labels))
     other = apply_lora(base, "classification", ffa.lora, freeze_a=True)
@@ -342,7 +350,7 @@ def test_fedavgm_simulation_saves_its_momentum_buffer(tmp_path: Path):
     """FedAvgM end to end (real Flower simulation, DP-SGD at the sites): the buffer that the
     next round needs is in the server's saved state, one array per adapter tensor. Also the
     server's evaluation every k rounds (federation.evaluate_every)."""
-    from server.state import load_state
+    from fedtune.server.state import load_state
 
     res = run_fedtune("simulate", *sets(*FAST, f"output.dir={tmp_path}", "output.run_name=m",
                                         "model.name=all-minilm-l6-v2", "federation.num_sites=2",

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from common.data import Record
-from simulations.benchmark_methods import (
+from benchmarks.benchmark_methods import (
     NOISE_FREE,
     QUICK,
     Result,
@@ -19,6 +18,7 @@ from simulations.benchmark_methods import (
     plot_banking77,
     write_report,
 )
+from fedtune.common.data import Record
 
 
 def test_stratified_subset_keeps_class_proportions_and_is_seeded():
@@ -162,7 +162,7 @@ def test_fedavgm_dp_recipe_keeps_the_steps_per_bank_and_scales_the_step_sizes(tm
     from rich.console import Console
     from rich.progress import Progress
 
-    from simulations.benchmark_methods import FULL, MOMENTUM, Bench, main
+    from benchmarks.benchmark_methods import FULL, MOMENTUM, Bench, main
 
     bench = Bench(FULL, tmp_path, 0, Console(), Progress(), 1)
     bench.head_lr[("federated, fedavgm", 8.0)] = 1.0
@@ -187,7 +187,7 @@ def test_dp_accountant_reaches_the_runs_their_recipes_and_the_report(tmp_path):
     from rich.console import Console
     from rich.progress import Progress
 
-    from simulations.benchmark_methods import FULL, Bench, _override, main
+    from benchmarks.benchmark_methods import FULL, Bench, _override, main
 
     prv = _override(FULL, ["dp_accountant=prv", "dp_batch_size=1024"])
     assert (prv.dp_accountant, prv.dp_batch_size, FULL.dp_accountant) == ("prv", 1024, "rdp")

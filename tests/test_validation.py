@@ -15,12 +15,12 @@ from flwr.server.compat.grid_client_proxy import GridClientProxy
 from flwr.server.strategy import FedAdam as FlowerFedAdam
 from flwr.supercore.logger import FLOWER_LOGGER
 
-from common.codec import METRIC_KEY, encode
-from common.config import load_config
-from common.lora import LAYOUT_METRIC
-from server.strategy import FedAdam, FedAvg
-from server.strategy.central_dp import with_central_dp
-from server.validation import UpdateChecks, check_values, validate_update
+from fedtune.common.codec import METRIC_KEY, encode
+from fedtune.common.config import load_config
+from fedtune.common.lora import LAYOUT_METRIC
+from fedtune.server.strategy import FedAdam, FedAvg
+from fedtune.server.strategy.central_dp import with_central_dp
+from fedtune.server.validation import UpdateChecks, check_values, validate_update
 
 GLOBAL = [np.full((4, 3), 0.5, np.float32), np.zeros(5, np.float32)]
 SHAPES = tuple(g.shape for g in GLOBAL)

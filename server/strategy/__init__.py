@@ -1,13 +1,13 @@
 """Server strategies, one per file. `STRATEGIES` maps the config name to the class."""
 
-from server.strategy.delta import DeltaAggregation
-from server.strategy.fedadam import FedAdam
-from server.strategy.fedavg import FedAvg
-from server.strategy.fedavgm import FedAvgM
-from server.strategy.fedprox import FedProx
-from server.strategy.fedyogi import FedYogi
-from server.strategy.ffa_lora import FfaLora
-from server.strategy.product_svd import ProductSvd
+from fedtune.server.strategy.delta import DeltaAggregation
+from fedtune.server.strategy.fedadam import FedAdam
+from fedtune.server.strategy.fedavg import FedAvg
+from fedtune.server.strategy.fedavgm import FedAvgM
+from fedtune.server.strategy.fedprox import FedProx
+from fedtune.server.strategy.fedyogi import FedYogi
+from fedtune.server.strategy.ffa_lora import FfaLora
+from fedtune.server.strategy.product_svd import ProductSvd
 
 STRATEGIES = {
     "fedavg": FedAvg,

@@ -37,9 +37,9 @@ from flwr.server.strategy import (
     Strategy,
 )
 
-from common.config import CENTRAL_DP_STRATEGIES, CentralDPConfig, RunConfig
-from common.privacy import Mechanism, epsilons
-from server.strategy.delta import DeltaAggregation
+from fedtune.common.config import CENTRAL_DP_STRATEGIES, CentralDPConfig, RunConfig
+from fedtune.common.privacy import Mechanism, epsilons
+from fedtune.server.strategy.delta import DeltaAggregation
 
 OnRelease = Callable[[int, dict], None]
 

@@ -33,10 +33,10 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 
-from common.codec import METRIC_KEY, CodecError, decode
-from common.config import RunConfig
-from server.aggregation import streaming_mean
-from server.validation import (
+from fedtune.common.codec import METRIC_KEY, CodecError, decode
+from fedtune.common.config import RunConfig
+from fedtune.server.aggregation import streaming_mean
+from fedtune.server.validation import (
     Rejection,
     UpdateChecks,
     check_metadata,
@@ -57,8 +57,8 @@ class DeltaAggregation:
     # False when an outer wrapper already rebuilt the weights (site-level DP, central_dp.py):
     # then only the Flower half of the strategy aggregates.
     replies_are_deltas: bool = True
-    on_round_info: OnRoundInfo | None = None  # set by server/app.py (the run recorder)
-    # What server/validation.py checks in each reply (set by server/app.py; shapes are filled
+    on_round_info: OnRoundInfo | None = None  # set by server/server_app.py (the run recorder)
+    # What server/validation.py checks in each reply (set by server/server_app.py; shapes are filled
     # in from the global adapter). None: structure and finite values only.
     update_checks: UpdateChecks | None = None
 
@@ -164,7 +164,7 @@ class DeltaAggregation:
                                    shapes=tuple(g.shape for g in self.global_adapter))
 
     def _min_sites(self) -> int:
-        """federation.min_fit_sites, as set in update_checks by server/app.py (default 1)."""
+        """federation.min_fit_sites, as set in update_checks by server/server_app.py (default 1)."""
         return self.update_checks.min_updates if self.update_checks else 1
 
     def _enough(self, valid: int) -> bool:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from flwr.server.strategy import FedAdam as FlowerFedAdam
 
-from common.config import RunConfig
-from server.strategy.delta import DeltaAggregation
+from fedtune.common.config import RunConfig
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 def server_optimizer_kwargs(cfg: RunConfig) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 
-from server.strategy.delta import DeltaAggregation
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 class FedAvg(DeltaAggregation, FlowerFedAvg):

@@ -20,8 +20,8 @@ import torch
 from flwr.common import Parameters, Scalar
 from flwr.server.strategy import FedAvgM as FlowerFedAvgM
 
-from common.config import RunConfig
-from server.strategy.delta import DeltaAggregation
+from fedtune.common.config import RunConfig
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 class _BufferFromFirstUpdate(FlowerFedAvgM):

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from flwr.server.strategy import FedProx as FlowerFedProx
 
-from common.config import RunConfig
-from server.strategy.delta import DeltaAggregation
+from fedtune.common.config import RunConfig
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 class FedProx(DeltaAggregation, FlowerFedProx):

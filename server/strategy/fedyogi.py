@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from flwr.server.strategy import FedYogi as FlowerFedYogi
 
-from common.config import RunConfig
-from server.strategy.delta import DeltaAggregation
-from server.strategy.fedadam import server_optimizer_kwargs
+from fedtune.common.config import RunConfig
+from fedtune.server.strategy.delta import DeltaAggregation
+from fedtune.server.strategy.fedadam import server_optimizer_kwargs
 
 
 class FedYogi(DeltaAggregation, FlowerFedYogi):

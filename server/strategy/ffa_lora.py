@@ -21,9 +21,9 @@ from flwr.common import FitRes, Parameters, Scalar, log
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 
-from common.config import RunConfig
-from common.lora import lora_a_digest, trainable_names
-from server.strategy.delta import DeltaAggregation
+from fedtune.common.config import RunConfig
+from fedtune.common.lora import lora_a_digest, trainable_names
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 class FfaLora(DeltaAggregation, FlowerFedAvg):

@@ -34,9 +34,9 @@ from flwr.common import ndarrays_to_parameters as to_parameters
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as FlowerFedAvg
 
-from common.config import RunConfig
-from common.lora import trainable_names
-from server.strategy.delta import DeltaAggregation
+from fedtune.common.config import RunConfig
+from fedtune.common.lora import trainable_names
+from fedtune.server.strategy.delta import DeltaAggregation
 
 
 def lora_pairs(names: list[str]) -> list[tuple[int, int]]:

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from client.trainer import poisson_sample_rate
-from common.privacy import calibrate_noise
+from fedtune.client.trainer import poisson_sample_rate
+from fedtune.common.privacy import calibrate_noise
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Features:
 def sentence_features(model: torch.nn.Module, data, pad_id: int, batch_size: int = 128
                       ) -> Features:
     """The vectors a MeanPoolingClassifier's head sees, for every record of `data` (eval mode)."""
-    from common.data import PadCollator
+    from fedtune.common.data import PadCollator
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     was_training = base.training

@@ -1,7 +1,7 @@
-"""Utility vs privacy of the federated LoRA methods on real data (issue 5).
+"""Utility vs privacy of the federated LoRA methods on real data.
 
-    python -m simulations.benchmark_methods          # full benchmark (~45 min, 2 busy cores)
-    python -m simulations.benchmark_methods --quick  # CI smoke run, a few minutes
+    python -m benchmarks.benchmark_methods          # full benchmark (~45 min, 2 busy cores)
+    python -m benchmarks.benchmark_methods --quick  # CI smoke run, a few minutes
 
 Banking77 (PolyAI, CC BY 4.0), 77-intent classification with all-MiniLM-L6-v2 + LoRA, 10 banks
 split by Dirichlet(alpha=0.5) label skew:
@@ -43,8 +43,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from common.config import RunConfig, load_config
-from common.privacy import ACCOUNTANTS
+from fedtune.common.config import RunConfig, load_config
+from fedtune.common.privacy import ACCOUNTANTS
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATASETS = Path(os.environ.get("FEDTUNE_DATASETS", REPO.parent / "shared" / "datasets"))
@@ -71,12 +71,10 @@ class Scale:
     # Runs with DP have their own recipe, as in DP-SGD papers: plain SGD, larger Poisson batches
     # (the noise on the mean gradient falls as 1/batch), LoRA at step size dp_lr and the head
     # (train.head_lr) at a step size chosen per epsilon among dp_head_lrs, by the proxy of
-    # simulations/dp_step_size.py on tune_records test queries that no reported number uses.
+    # benchmarks/dp_step_size.py on tune_records test queries that no reported number uses.
     # With one step size for both, SGD at a size that moves the head let the noise wreck
-    # LoRA (accuracy 0 after two rounds at epsilon 8); AdamW lr 1e-2 (the earlier recipe) at
-    # batch 64 reached 0.684 at epsilon 8 (report of 2026-12-01 15:37 UTC), SGD at batch 256
-    # 0.768 (report of 2026-12-01 18:57 UTC). Batch 512 is twice the compute of 256 for the
-    # same steps (~28 min per federated run on 2 cores).
+    # LoRA; AdamW at batch 64 and SGD at batch 256 both did worse than this recipe (figures in
+    # results/benchmark_methods.md). Batch 512 is twice the compute of 256 for the same steps.
     dp_optimizer: str
     dp_lr: float
     dp_batch_size: int
@@ -98,7 +96,7 @@ class Scale:
     # dp_momentum_rounds rounds of fewer local steps each (the same steps per bank in all:
     # rounds x local_steps), momentum dp_server_momentum, and the sites' step sizes (LoRA's and
     # the head candidates) x (1 - momentum), so that a steady delta moves the adapter as far
-    # as under FedAvg. The head-alone proxy (simulations/dp_step_size.py) at epsilon 8, batch
+    # as under FedAvg. The head-alone proxy (benchmarks/dp_step_size.py) at epsilon 8, batch
     # 512, on validation queries: 0.817 for FedAvg 6 x 8, 0.832 with momentum 0.5, 0.851 for
     # momentum 0.9 in 48 rounds x 1 step (FedAvg 48 x 1: 0.825).
     dp_fedavgm: bool
@@ -112,7 +110,7 @@ class Scale:
     methods: tuple[str, ...]
     central_dp_epsilons: tuple[float, ...]
     local_dp_epsilons: tuple[float, ...]
-    # Extra FedAvg runs without DP with compressed uploads (issue 6: their accuracy cost, next
+    # Extra FedAvg runs without DP with compressed uploads (their accuracy cost, next
     # to the fp32 run; without DP noise the difference is the encoding's alone)
     encodings: tuple[str, ...]
     # Classifier start (task.head_init), and extra FedAvg runs with a random head at these
@@ -291,7 +289,7 @@ class Bench:
         """Pick the DP head step size of every DP setting on the validation queries."""
         import torch
 
-        from simulations.dp_step_size import Features, choose_lr, head_of, sentence_features
+        from benchmarks.dp_step_size import Features, choose_lr, head_of, sentence_features
 
         s = self.s
         settings: list[tuple[str, float | None, str]] = (
@@ -338,15 +336,15 @@ class Bench:
     # -- model-side helpers (in this process)
 
     def runtime(self, cfg: RunConfig):
-        from common.runtime import get_runtime
-        from common.tasks import num_labels, resolve_task
+        from fedtune.common.model_cache import get_runtime
+        from fedtune.common.tasks import num_labels, resolve_task
 
         task = resolve_task(cfg)
         return get_runtime(cfg, task, num_labels(cfg, task))
 
     def reset(self, rt) -> None:
         """Put the adapter back to the one this process started from (same for every run)."""
-        from common.lora import get_adapter, set_adapter
+        from fedtune.common.lora import get_adapter, set_adapter
 
         key = id(rt)
         if key not in self._initial:
@@ -354,14 +352,14 @@ class Bench:
         set_adapter(rt.model, self._initial[key])
 
     def encode(self, cfg: RunConfig, rt, paths: list[Path]):
-        from common.data import read_records
-        from common.tasks import encode_records
+        from fedtune.common.data import read_records
+        from fedtune.common.tasks import encode_records
 
         records = [r for p in paths for r in read_records(p)]
         return encode_records(records, rt.tokenizer, cfg, rt.task, cfg.data.labels)
 
     def evaluate(self, rt, data) -> dict[str, float]:
-        from common.tasks import evaluate
+        from fedtune.common.tasks import evaluate
 
         return evaluate(rt.model, data, rt.task, rt.pad_id, rt.device, batch_size=32)
 
@@ -369,8 +367,8 @@ class Bench:
                     seed: int, setting: str, noise_free: bool = False) -> float | None:
         """One model on one dataset (a bank alone, or everything pooled): DP-SGD or plain;
         `noise_free`: the DP recipe with noise 0 (not private)."""
-        from client.trainer import poisson_sample_rate, train_local
-        from common.privacy import calibrate_noise, check_delta, epsilon
+        from fedtune.client.trainer import poisson_sample_rate, train_local
+        from fedtune.common.privacy import calibrate_noise, check_delta, epsilon
 
         self.reset(rt)
         sigma, spent = 0.0, None
@@ -395,7 +393,7 @@ class Bench:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        from simulations.runner import prepare_run, run_prepared
+        from fedtune.simulations.runner import prepare_run, run_prepared
 
         cfg = _with(cfg, f"output.run_name={name}", f"federation.strategy={method}",
                     f"federation.update_encoding={encoding}",
@@ -449,8 +447,8 @@ class Bench:
 
     def banking77(self, root: Path, dp_only: bool = False) -> None:
         """Every Banking77 row; with `dp_only` only the rows with DP (the others are kept)."""
-        from common.data import read_records, write_jsonl
-        from simulations.runner import prepare_run
+        from fedtune.common.data import read_records, write_jsonl
+        from fedtune.simulations.runner import prepare_run
 
         s = self.s
         test = read_records(root / "test.csv")
@@ -491,7 +489,7 @@ class Bench:
         if not dp_only:
             t0 = time.time()
             self.reset(rt)
-            from common.heads import starts_from_label_names
+            from fedtune.common.heads import starts_from_label_names
 
             head = ("label-name head (zero-shot)"
                     if starts_from_label_names(cfg.task.head_init, cfg.data.labels)
@@ -562,7 +560,7 @@ class Bench:
     def medquad(self, path: Path) -> None:
         from collections import Counter
 
-        from common.data import read_records, write_jsonl
+        from fedtune.common.data import read_records, write_jsonl
 
         s = self.s
         records = read_records(path)
@@ -588,7 +586,7 @@ class Bench:
             f"train.batch_size={s.med_batch_size}", f"train.lr={s.med_lr}", "dp.delta=1e-5",
             "federation.parallel_sites=0", f"output.dir={self.work / 'medquad'}",
         ])
-        from simulations.runner import prepare_run
+        from fedtune.simulations.runner import prepare_run
 
         part = prepare_run(_with(cfg, "output.run_name=partition", "dp.enabled=false"))
         rt = self.runtime(cfg)
@@ -643,7 +641,7 @@ def _override(scale: Scale, items: list[str]) -> Scale:
 
 
 def _with(cfg: RunConfig, *overrides: str) -> RunConfig:
-    from common.config import apply_overrides
+    from fedtune.common.config import apply_overrides
 
     data = cfg.model_dump(mode="json", exclude_none=True)
     return RunConfig.model_validate(apply_overrides(data, list(overrides)))
@@ -883,7 +881,7 @@ def write_report(out: Path, name: str, results: list[Result], scale: Scale, seed
             "", "### DP step size of the head, chosen per ε on validation queries", "",
             f"{scale.tune_records} test.csv queries outside the reported subset; proxy runs of "
             "the head alone on frozen sentence vectors of the banks' records, mean of 3 seeds "
-            "(simulations/dp_step_size.py; the tuning itself is not in the sites' ε). "
+            "(benchmarks/dp_step_size.py; the tuning itself is not in the sites' ε). "
             "Validation accuracy by head lr:", "",
             "| setting | ε | DP batch | chosen | " + " | ".join(f"{lr:g}" for lr in lrs) + " |",
             "|---|---|---|---|" + "---|" * len(lrs),
@@ -1009,7 +1007,7 @@ def main(
     """Benchmark FedAvg / FFA-LoRA (and baselines) under DP on Banking77 and MedQuAD."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from simulations.quiet import quiet_libraries
+    from fedtune.cli.library_logs import quiet_libraries
 
     quiet_libraries()
     warnings.filterwarnings("ignore", message=".*(Optimal order|Full backward hook).*")
@@ -1035,7 +1033,7 @@ def main(
     out = out or (REPO / "results" / ("quick" if quick else ""))
     work = work or (REPO / "runs" / time.strftime("benchmark-%Y%m%d-%H%M%S"))
     work.mkdir(parents=True, exist_ok=True)
-    command = shlex.join(["python", "-m", "simulations.benchmark_methods", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.benchmark_methods", *sys.argv[1:]])
     info = machine()
     t0 = time.time()
     progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),

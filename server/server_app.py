@@ -16,23 +16,23 @@ from pathlib import Path
 from flwr.common import Context, ndarrays_to_parameters
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 
-from common.config import RunConfig, secagg_threshold
-from common.data import read_records
-from common.lora import adapter_layout
-from common.runtime import get_runtime
-from common.tasks import encode_records, num_labels, resolve_task
-from server.recorder import RoundListener, RunRecorder
-from server.secagg import DropoutTolerantSecAggPlus, secagg_params
-from server.state import (
+from fedtune.common.config import RunConfig, secagg_threshold
+from fedtune.common.data import read_records
+from fedtune.common.lora import adapter_layout
+from fedtune.common.model_cache import get_runtime
+from fedtune.common.tasks import encode_records, num_labels, resolve_task
+from fedtune.server.recorder import RoundListener, RunRecorder
+from fedtune.server.secagg import DropoutTolerantSecAggPlus, secagg_params
+from fedtune.server.state import (
     prepare_resume,
     restore_strategy_state,
     save_state,
     state_after_round,
 )
-from server.strategy import STRATEGIES
-from server.strategy.central_dp import with_central_dp
-from server.validation import UpdateChecks
-from server.workflow import ResumableWorkflow, TimeoutGrid
+from fedtune.server.strategy import STRATEGIES
+from fedtune.server.strategy.central_dp import with_central_dp
+from fedtune.server.validation import UpdateChecks
+from fedtune.server.workflow import ResumableWorkflow, TimeoutGrid
 
 
 def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial) -> object:

@@ -1,4 +1,4 @@
-"""The site's Flower ClientApp in a deployment: `client.flower_app:app`.
+"""The site's Flower ClientApp in a deployment: `client.supernode_app:app`.
 
 `fedtune server` submits a small Flower app whose `clientapp` component is this module (see
 server/coordinator.py). Each site's SuperNode runs it with the site's own configuration file,
@@ -10,7 +10,7 @@ passed by the site daemon as the SuperNode's node config (`site-config="/path/si
   come from site.toml and override the run's: the coordinator cannot point a site at other data
   or raise its privacy budget.
 
-The training itself is `client.app.build_client_app`, the same code path as in simulation.
+The training itself is `client.client_app.build_client_app`, the same code path as in simulation.
 SecAgg+'s pure-crypto stages (setup, key sharing, unmasking) are answered by Flower's
 `secaggplus_mod` without importing torch: Flower starts one ClientApp process per message, and
 loading torch/transformers/Opacus takes several seconds of CPU on a small machine.
@@ -35,14 +35,16 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 )
 from flwr.compat.common import recorddict_compat as compat
 
-from common.atomic import atomic_write
-from common.config import RunConfig
-from common.site_config import SiteConfig, load_site_config
-
-NODE_CONFIG_KEY = "site-config"
-RUN_CONFIG_KEY = "fedtune-config"
-RUN_NAME_KEY = "fedtune-run-name"
-FITRES_PARAMETERS = "fitres.parameters"  # where Flower's legacy FitRes keeps the arrays
+from fedtune.client.site_config import SiteConfig, load_site_config
+from fedtune.common.atomic import atomic_write
+from fedtune.common.config import RunConfig
+from fedtune.common.protocol import (
+    FITRES_PARAMETERS,
+    NODE_CONFIG_KEY,
+    RUN_CONFIG_KEY,
+    RUN_NAME_KEY,
+)
+from fedtune.common.update_checks import check_values
 
 log = logging.getLogger("fedtune.site")
 app = ClientApp()
@@ -109,8 +111,6 @@ def local_update_mod(site: SiteConfig, run_name: str, cfg: RunConfig):
         if fitres.num_examples:
             # Never send a broken update: with SecAgg+ the server could not tell whose it was
             # and would have to discard the whole round (server/validation.py).
-            from server.validation import check_values
-
             if (problem := check_values(delta, cfg.federation.max_update_norm)) is not None:
                 raise RuntimeError(f"site {site.site_id} refuses to send its update: {problem}")
         peak = max((float(np.max(np.abs(d))) for d in delta if d.size), default=0.0)
@@ -151,7 +151,7 @@ def _handle(msg: Message, context: Context) -> Message:
     if secagg and _secagg_stage(msg) not in (None, Stage.COLLECT_MASKED_VECTORS):
         return secaggplus_mod(msg, context, _no_training)
 
-    from client.app import SiteSpec, build_client_app  # torch, transformers, Opacus
+    from fedtune.client.client_app import SiteSpec, build_client_app  # torch, transformers, Opacus
 
     spec = SiteSpec(site.site_id, site.data, site.state_dir)
     run_name = str(context.run_config.get(RUN_NAME_KEY, context.run_id))

@@ -22,8 +22,7 @@ from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from client.budget import BudgetPlan
-from common.privacy import Mechanism, epsilon, epsilons
+from fedtune.common.privacy import BudgetPlan, Mechanism, epsilon, epsilons
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS rounds (

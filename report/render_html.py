@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 from html import escape
 
-from server.report import wording
-from server.report.plot import epsilon_plot
+from fedtune.report import wording
+from fedtune.report.plot import epsilon_plot
 
 CSS = """
 body{font-family:-apple-system,'Segoe UI',Helvetica,Arial,sans-serif;margin:2em auto;

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from common.atomic import atomic_write
+from fedtune.common.atomic import atomic_write
 
 SITE_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 LOCAL_NAMES = ("localhost", "127.0.0.1")  # the coordinator's own Control/Runtime API clients

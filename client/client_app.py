@@ -23,24 +23,29 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import Mod
 from flwr.common import Context
 
-from client.central_clip import clip_delta_if_asked
-from client.ledger import PrivacyLedger
-from client.privacy_gate import STATUS_BUDGET_EXHAUSTED, STATUS_OK, STATUS_REFUSED, admit_round
-from client.trainer import train_local
-from common.codec import METRIC_KEY, encode
-from common.config import RunConfig
-from common.data import EncodedDataset, read_records
-from common.input_checks import check_task_records, warn_long_records
-from common.lora import (
+from fedtune.client.central_clip import clip_delta_if_asked
+from fedtune.client.privacy_gate import (
+    STATUS_BUDGET_EXHAUSTED,
+    STATUS_OK,
+    STATUS_REFUSED,
+    admit_round,
+)
+from fedtune.client.trainer import train_local
+from fedtune.common.codec import METRIC_KEY, encode
+from fedtune.common.config import RunConfig
+from fedtune.common.data import EncodedDataset, read_records
+from fedtune.common.input_checks import check_task_records, warn_long_records
+from fedtune.common.ledger import PrivacyLedger
+from fedtune.common.lora import (
     LAYOUT_METRIC,
     adapter_layout,
     get_adapter,
     lora_a_digest,
     set_adapter,
 )
-from common.payload import payload_digest
-from common.runtime import ModelRuntime, get_runtime
-from common.tasks import encode_records, num_labels, resolve_task
+from fedtune.common.model_cache import ModelRuntime, get_runtime
+from fedtune.common.payload import payload_digest
+from fedtune.common.tasks import encode_records, num_labels, resolve_task
 
 __all__ = ["STATUS_BUDGET_EXHAUSTED", "STATUS_OK", "STATUS_REFUSED", "FedtuneClient", "SiteSpec",
            "build_client_app", "load_site_dataset"]
@@ -165,7 +170,7 @@ def build_client_app(
     """A ClientApp whose `client_fn` finds the site's own spec from the Flower context.
 
     `extra_mods` run inside SecAgg+, on the site's plain reply (e.g. the deployment's local
-    audit copy of each sent update, client/flower_app.py). `parallel_sites`: how many sites
+    audit copy of each sent update, client/supernode_app.py). `parallel_sites`: how many sites
     train at once on this machine (simulation workers); a deployed site (1) uses every core.
     """
 

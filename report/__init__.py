@@ -6,9 +6,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.report.data import build_report
-from server.report.pdf import html_to_pdf
-from server.report.render_html import render_html
+from fedtune.report.data import build_report
+from fedtune.report.pdf import html_to_pdf
+from fedtune.report.render_html import render_html
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from client.ledger import LedgerRow, PrivacyLedger
-from common.privacy import epsilons
+from fedtune.common.ledger import LedgerRow, PrivacyLedger
+from fedtune.common.privacy import epsilons
 
 REPORT_VERSION = 1
 NEARLY_USED = 0.8  # warn when a site has used this share of its budget

@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
-from common.config import ConfigError, config_to_toml, load_config
-from common.deploy_cli import register as register_deploy_commands
+from fedtune.cli.certs import certs_app
+from fedtune.cli.console import console
+from fedtune.cli.console import fail as _fail
+from fedtune.cli.deploy import register as register_deploy_commands
+from fedtune.common.config import ConfigError, config_to_toml, load_config
 
 app = typer.Typer(
     help="fedtune: federated, differentially private LoRA fine-tuning of language models.",
@@ -22,20 +24,13 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-register_deploy_commands(app)  # certs, server, client, demo-data
-
-console = Console()
-err_console = Console(stderr=True)
+app.add_typer(certs_app, name="certs")
+register_deploy_commands(app)  # server, client, demo-data
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="Run configuration (TOML).")
 SET_OPT = typer.Option(
     None, "--set", "-s", help="Override a key, e.g. --set dp.target_epsilon=3 (repeatable)."
 )
-
-
-def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/bold red] {message}")
-    raise typer.Exit(2)
 
 
 def _load(config: Path | None, overrides: list[str] | None):
@@ -62,13 +57,13 @@ def simulate(
     cfg = _load(config, set_)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    from common.data import DataError
-    from common.models import ModelLoadError
-    from common.privacy import PrivacyBudgetError
-    from simulations.partition import PartitionError
-    from simulations.progress import RichRoundListener, print_summary
-    from simulations.quiet import quiet_libraries
-    from simulations.runner import prepare_run, run_prepared
+    from fedtune.cli.library_logs import quiet_libraries
+    from fedtune.common.data import DataError
+    from fedtune.common.models import ModelLoadError
+    from fedtune.common.privacy import PrivacyBudgetError
+    from fedtune.simulations.partition import PartitionError
+    from fedtune.simulations.progress import RichRoundListener, print_summary
+    from fedtune.simulations.runner import prepare_run, run_prepared
 
     quiet_libraries()
     user_errors = (DataError, ModelLoadError, PrivacyBudgetError, PartitionError,
@@ -90,7 +85,7 @@ def simulate(
     console.print(f"run directory: {prepared.run_dir}")
     try:
         with console.status("loading the base model (first use builds the local cache)"):
-            from common.models import ensure_cached
+            from fedtune.common.models import ensure_cached
 
             ensure_cached(cfg.model.name, cfg.model.cache_dir)
         with RichRoundListener(console, cfg.federation.rounds, cfg.federation.num_sites) as bar:
@@ -114,7 +109,7 @@ def report(
     """Privacy report for a compliance officer: JSON + self-contained HTML (+ PDF)."""
     if not source.exists():
         _fail(f"{source}: no such run directory or ledger file")
-    from server.report import write_report
+    from fedtune.report import write_report
 
     try:
         data, files = write_report(source, out, pdf=pdf)

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.config import RunConfig
-from common.lora import apply_lora, get_adapter
-from common.models import TaskKind, load_base_model
+from fedtune.common.config import RunConfig
+from fedtune.common.lora import apply_lora, get_adapter
+from fedtune.common.models import TaskKind, load_base_model
 
 
 @dataclass

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.config import ConfigError, DPConfig, _format_validation_error
+from fedtune.common.config import ConfigError, DPConfig, _format_validation_error
 
 SITE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
 

@@ -1,0 +1,1 @@
+"""Research and speed benchmarks: scripts, not part of the installed fedtune package."""

@@ -1,0 +1,18 @@
+"""The keys of fedtune's messages between the coordinator and the sites, written once.
+
+A deployed run travels as a Flower app whose run config carries the effective fedtune
+configuration (JSON) and the run's name; each SuperNode gets its site.toml path through its node
+config. Both sides import these names from here, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+RUN_CONFIG_KEY = "fedtune-config"  # the effective RunConfig, as JSON
+RUN_NAME_KEY = "fedtune-run-name"  # the run directory's name at the coordinator
+RESUME_KEY = "fedtune-resume"  # true: continue the run after its last completed round
+NODE_CONFIG_KEY = "site-config"  # SuperNode node config: path of the site's site.toml
+FITRES_PARAMETERS = "fitres.parameters"  # where Flower's legacy FitRes keeps the arrays
+
+# The Flower app components that `flwr run` starts (installed fedtune modules).
+SERVER_APP_COMPONENT = "fedtune.server.superlink_app:app"
+CLIENT_APP_COMPONENT = "fedtune.client.supernode_app:app"

@@ -1,0 +1,79 @@
+"""One deployed run, start to end: what `fedtune server` does between its header and its exit.
+
+Prepare the run directory (or reopen it with `--resume`), start the SuperLink, register the
+site keys, wait out SuperNodes left over from before a restart, submit the Flower app, follow
+the rounds, keep the ServerApp's log, stop the SuperLink. SIGTERM (systemd, Kubernetes) stops the
+run like Ctrl-C, so the SuperLink never outlives the coordinator.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from fedtune.common.config import RunConfig
+from fedtune.server.coordinator import Coordinator, CoordinatorOptions
+from fedtune.server.deployment_run import PreparedDeployment, prepare_deployment
+
+Say = Callable[[str], None]
+ALREADY_COMPLETE = "finished:completed (before this start)"
+
+
+def open_run(cfg: RunConfig, opts: CoordinatorOptions, *, resume: bool,
+             say: Say) -> tuple[Coordinator, dict[str, Path], PreparedDeployment]:
+    """Check the certificates and site keys, then prepare (or reopen) the run directory."""
+    coord = Coordinator(opts, say=say)
+    keys = coord.check()
+    return coord, keys, prepare_deployment(cfg, resume=resume)
+
+
+def describe_round(rec: dict) -> str:
+    """One console line per round: held-out metrics, then each site's epsilon."""
+    sites = rec.get("sites") or []
+    eps = [f"{s.get('site_id')}: ε={s['epsilon']:.3g}" for s in sites if "epsilon" in s]
+    ev = rec.get("eval", {})
+    main = ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, (int, float)))
+    return f"round {rec['round']}: {main}" + (f" | {'; '.join(eps)}" if eps else "")
+
+
+def serve(coord: Coordinator, keys: dict[str, Path], prepared: PreparedDeployment, *,
+          say: Say, warn: Say) -> str:
+    """Run the federation; returns Flower's final run status ("finished:completed" when done).
+
+    Raises CoordinatorError when the SuperLink cannot start or the run fails."""
+    c = prepared.cfg
+    if prepared.resume:
+        done = prepared.resumed_after
+        say(f"resuming run {prepared.run_name}: " + (
+            f"rounds 1..{done} completed, continuing at round {done + 1}" if done
+            else "no round completed yet, starting at round 1"))
+        if done is not None and done >= c.federation.rounds:
+            say(f"all {c.federation.rounds} rounds are complete; nothing to do")
+            return ALREADY_COMPLETE
+
+    def _term(signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    opts = coord.opts
+    status = "not started"
+    try:
+        coord.start_superlink()
+        tls = "" if opts.insecure else ", TLS, SuperNode authentication"
+        say(f"SuperLink: Fleet API {opts.fleet_address} (gRPC{tls}), "
+            f"Control API {opts.control_address}; log {opts.log_path}")
+        for site_id, what in coord.register_sites(keys).items():
+            say(f"site key {site_id}: {what}")
+        coord.wait_for_stale_nodes()  # after a restart: sites listed online from before it
+        run_id = coord.submit(prepared)
+        say(f"Flower run {run_id} submitted; waiting for {c.federation.num_sites} sites")
+        status = coord.follow(run_id, prepared, lambda rec: say(describe_round(rec)))
+        if (log := coord.save_run_log(run_id, prepared)) is not None:
+            say(f"ServerApp log: {log}")
+    except KeyboardInterrupt:
+        warn("interrupted: stopping the SuperLink")
+        status = "interrupted"
+    finally:
+        coord.stop()
+    return status
