@@ -240,7 +240,7 @@ def test_contradictory_settings_are_refused_with_the_fix(overrides, expected):
 
 
 def test_deployment_turns_secagg_on_and_then_needs_three_sites():
-    from fedtune.server.coordinator import deployment_config
+    from fedtune.server.deployment_run import deployment_config
 
     cfg = load_config(None, ["federation.num_sites=2"])  # fine for a simulation (no SecAgg+)
     with pytest.raises(ConfigError, match="SecAgg.*at least 3 sites.*federation.secagg = false"):
