@@ -1,31 +1,8 @@
 """SecAgg+ fixed-point encoding parameters for DP-noised LoRA deltas.
 
-Flower's SecAgg+ (1.39) encodes each site's update as integers before masking:
-
-1. the site multiplies its delta by its weight ratio `r_i = n_i / max_weight` (n_i = records),
-2. clips every coordinate to [-clipping_range, clipping_range],
-3. maps it to [0, quantization_range] with unbiased stochastic rounding, and the masked sum is
-   taken modulo `modulus_range` (2**32).
-
-The server unmasks the sum and divides by the sum of the ratios: the example-weighted mean of
-the deltas, i.e. FedAvg. Two things can go wrong, and the parameters below prevent both:
-
-- *Clipping*: a coordinate of `r_i * delta_i` beyond `clipping_range` is silently clipped.
-  LoRA deltas after a few DP-SGD steps are far below 1 per coordinate (AdamW moves a weight by
-  about `lr` per step; the Gaussian noise is averaged over the batch), and `r_i <= 1`, so
-  `clipping_range = 1.0` leaves a wide margin; it is configurable (`federation.secagg_clip`).
-- *Overflow*: the sum of N sites' integers must stay below 2**32, so the quantization range is
-  `2**bits` with `bits = min(28, 31 - ceil(log2 N))` (24 bits for 100 sites, 28 for up to 8).
-
-The site hands its delta to SecAgg+ in float64 (client/supernode_app.py): Flower's quantizer
-computes `delta + clipping_range` in the input's dtype, and float32 would limit the precision to
-about `clipping_range * 2**-24` whatever the quantization range.
-
-The error this adds to the aggregate is at most `N * (2 * clipping_range / 2**bits) *
-max_weight / sum(n_i)` per coordinate (one quantization step per site, rescaled), and in
-expectation zero: `aggregate_error_bound` computes it. `max_weight` must be at least the largest
-site's record count (otherwise `r_i > 1` and deltas may be clipped); it defaults to
-`federation.secagg_max_records`.
+Chooses the clipping and quantization ranges of Flower's SecAgg+ so that a LoRA delta is
+neither clipped nor overflows the 2**32 modulus, and bounds the error this adds to the
+aggregate (`aggregate_error_bound`). Derivation: docs/internals.md.
 """
 
 from __future__ import annotations

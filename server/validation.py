@@ -1,27 +1,9 @@
 """Server-side validation of site updates, before anything is aggregated.
 
-Called by `DeltaAggregation.aggregate_fit` (server/strategy/delta.py) for every reply that
-carries an update. A reply is rejected, and logged with the site's id and the reason, when
-
-- its adapter layout (the names and shapes of the trainable tensors, as a digest the site sends
-  in its metrics, `adapter_layout`) differs from the server's: e.g. a site whose LoRA targets
-  other modules of the same shape,
-- it has the wrong number of tensors, a tensor of the wrong shape, or a dtype that is not
-  float32/float64 (with `update_encoding = "fp32"`; encoded fp16/int8 replies are checked by
-  the codec's own decoder, common/codec.py),
-- a value is NaN or infinite,
-- its L2 norm (over all tensors) is above `federation.max_update_norm`.
-
-The round then goes on with the other sites, provided at least `federation.min_fit_sites` valid
-updates remain; otherwise the round leaves the global adapter unchanged.
-
-With SecAgg+ the server never sees an individual update: it sees only the unmasked aggregate
-(the example-weighted mean). The aggregate is then validated once (shapes, finite values, the
-norm bound: a mean of updates within the bound is within it too, so an aggregate above the bound
-proves at least one bad update), and a failing aggregate discards the whole round: the culprit
-cannot be singled out. The per-site metadata (layout digest) is still checked per site, since it
-travels in plain text, and so does any mismatch it reveals. Each site also checks its own plain
-update before masking it (client/supernode_app.py), which catches an honest site's numerical fault.
+A reply is rejected (logged with the site's id and the reason) for a foreign adapter layout,
+wrong tensor count, shape or dtype, non-finite values, or an L2 norm above
+`federation.max_update_norm`. Under SecAgg+ only the unmasked aggregate can be checked, and a
+failing aggregate discards the round. Details: docs/internals.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """Exact product aggregation of LoRA updates, re-factored to rank r by truncated SVD.
 
 Averaging B and A separately gives mean(B_k) mean(A_k), not the mean update mean(B_k A_k)
-(Sun et al., ICLR 2024, sec. 3; Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models
-with Heterogeneous Low-Rank Adaptations", NeurIPS 2024, aggregate the exact product by stacking).
-This strategy aggregates the product itself: for every LoRA layer,
-
-    M = sum_k w_k B_k A_k / sum_k w_k      (w_k = examples at site k)
-
-is the exact example-weighted FedAvg of the sites' effective weight updates (PEFT's scaling
-alpha/r is the same constant everywhere). M has rank <= K r, so the next round's adapter is its best
-rank-r approximation (Eckart-Young): M ~ U_r S_r V_r^T, B = U_r S_r, A = V_r^T. A keeps orthonormal
-rows (close to the scale of LoRA's random init) and B carries the magnitude, as in LoRA's own
-parametrisation. Exact whenever rank(M) <= r (e.g. one site, or all sites sharing A); otherwise
-the relative Frobenius error ||M - B A|| / ||M|| = sqrt(sum_{i>r} s_i^2 / sum_i s_i^2) is reported
-as the `svd_truncation_error` metric (worst layer). Other trainable tensors (a classifier head)
-are averaged as in FedAvg.
-
-Cost, per LoRA layer (d_out x d_in, rank r, K sites) and round: M is never materialised. With
-P = [w_1 B_1 ... w_K B_K] (d_out x Kr) and Q = [A_1; ...; A_K] (Kr x d_in), M = P Q; two thin QRs
-(P = Q1 R1, Q^T = Q2 R2) and the SVD of the Kr x Kr core R1 R2^T give M's SVD in
-O((d_out + d_in) (Kr)^2 + (Kr)^3) time and O((d_out + d_in) Kr) memory, against
-O(d_out d_in min(d_out, d_in)) time and d_out d_in memory for a dense SVD. For SmolLM2-135M
-(30 layers x q,v; d = 576, r = 8, K = 10) that is ~2 GFLOP a round, about a second on one
-core. It needs every site's own A_k and B_k, so it cannot run under SecAgg+ (the config refuses).
+(Sun et al., ICLR 2024, sec. 3; Wang et al., "FLoRA", NeurIPS 2024). This strategy averages the
+product itself and keeps its best rank-r approximation (Eckart-Young), computed from thin QRs
+without materialising the product; it needs each site's plain B and A, so not under SecAgg+.
+Cost and error analysis: docs/internals.md.
 """
 
 from __future__ import annotations
