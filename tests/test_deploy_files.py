@@ -153,6 +153,51 @@ def test_systemd_unit():
     check_fedtune_args(shlex.split(svc["ExecStartPre"])[1:])
     assert svc["KillSignal"] == "SIGTERM" and svc["Restart"] == "on-failure"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # A configuration error exits 2, and the unit does not restart on it (no restart loop).
+    assert svc["RestartPreventExitStatus"].split() == ["2"]
+    res = fedtune("client", "--config", str(REPO / "no-such-site.toml"), "--check")
+    assert res.returncode == 2 and "no-such-site.toml" in res.stderr
+
+
+def test_systemd_steps_create_directories_before_installing_into_them():
+    doc = (REPO / "docs" / "deployment.md").read_text()
+    block = doc[doc.index("### Without Docker: systemd"):]
+    block = block[block.index("```sh"):block.index("```", block.index("```sh") + 5)]
+    made: set[str] = set()
+    for line in block.splitlines():
+        args = shlex.split(line.replace("sudo ", "", 1))
+        if not args or args[0] != "install":
+            continue
+        if "-d" in args:  # install -d also makes the parents
+            for a in args[1:]:
+                if a.startswith("/"):
+                    made.update(str(p) for p in [Path(a), *Path(a).parents])
+        else:
+            target = Path(args[-1])
+            assert "-D" in args or str(target.parent) in made, f"{line}: no directory first"
+
+
+def test_resume_is_documented_for_compose_and_kubernetes():
+    compose_text = (DEPLOY / "docker-compose.yml").read_text()
+    assert "--resume" in compose_text, "docker-compose.yml does not say how to resume"
+    lines = compose_text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if "docker compose run" in ln)
+    words = []
+    for ln in lines[start:]:
+        words += shlex.split(ln.strip().lstrip("#").replace("\\", " "))
+        if "--resume" in ln:
+            break
+    check_fedtune_args(words[words.index("coordinator") + 1:])
+    kust = (DEPLOY / "k8s" / "kustomization.yaml").read_text()
+    assert "--resume" in kust
+    # the namespace exists before anything is created in it
+    assert kust.index("namespace.yaml") < kust.index("create secret")
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.coordinator", "Dockerfile.site"])
+def test_dockerfiles_take_the_cpu_build_of_torch(name: str):
+    torch_line = next(x for x in _dockerfile(name) if x.startswith("RUN") and "torch==" in x)
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_line
 
 
 def test_kubernetes_manifests():
