@@ -152,6 +152,10 @@ class FederationConfig(_Section):
     secagg_max_records: int = Field(10_000, gt=0)
     # Sites trained in parallel in simulation (Ray actors); 0 = number of CPU cores.
     parallel_sites: int = Field(0, ge=0)
+    # Simulation only: the simulated sites send their training loss (an opt-in value,
+    # common/disclosure.py), for loss curves. A deployed site ignores this: it sends its loss
+    # only if its own site.toml says `[disclosure] train_loss = true`.
+    report_train_loss: bool = True
     # Wire encoding of each site's delta (common/codec.py): "fp32" as is, "fp16" (1/2 the
     # bytes) or "int8" with one scale per tensor (1/4). Not with SecAgg+ (its own encoding).
     update_encoding: Literal["fp32", "fp16", "int8"] = "fp32"
@@ -399,15 +403,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def config_to_toml(cfg: RunConfig) -> str:
     """The effective config as TOML (for `fedtune config show` and the run directory)."""
     out: list[str] = []
-    top = cfg.model_dump(mode="json", exclude_none=True)
+    top = cfg.model_dump(mode="json")
     for key, value in top.items():
-        if not isinstance(value, dict):
+        if not isinstance(value, dict) and value is not None:
             out.append(f"{key} = {_toml_value(value)}")
     for key, value in top.items():
         if isinstance(value, dict):
             out.append(f"\n[{key}]")
-            out.extend(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            for k, v in value.items():
+                # TOML has no null: an unset key is a comment, with what "unset" means if known
+                out.append(f"{k} = {_toml_value(v)}" if v is not None else
+                           f"# {k}: not set{UNSET_MEANING.get(f'{key}.{k}', '')}")
     return "\n".join(out).lstrip() + "\n"
+
+
+# What an unset key means, where that is not obvious (shown by `fedtune config show`).
+UNSET_MEANING = {
+    "federation.secagg": " (SecAgg+ off in `fedtune simulate`, on in `fedtune server`)",
+}
 
 
 def _toml_value(v: Any) -> str:

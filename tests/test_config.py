@@ -65,6 +65,11 @@ def test_config_show_cli_prints_effective_config():
 
     data = tomllib.loads(res.stdout)
     assert RunConfig.model_validate(data).lora.r == 4
+    # An unset key is shown with what it means: whether SecAgg+ is on is never left implicit.
+    assert "# secagg: not set (SecAgg+ off in `fedtune simulate`, on in `fedtune server`)" \
+        in res.stdout
+    on = run_fedtune("config", "show", "--set", "federation.secagg=true")
+    assert "secagg = true" in on.stdout
 
 
 def test_cli_rejects_bad_key_with_exit_code_2():
