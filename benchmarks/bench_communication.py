@@ -25,6 +25,7 @@ import numpy as np
 
 from fedtune.common.codec import ENCODINGS, encode, fp32_bytes
 from fedtune.common.config import load_config
+from fedtune.common.ledger import PrivacyLedger
 from fedtune.common.lora import get_adapter
 from fedtune.common.model_cache import get_runtime
 from fedtune.common.payload import payload_digest
@@ -85,8 +86,9 @@ def simulate(enc: str, a: argparse.Namespace, out: Path) -> dict:
     records = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in records if r["round"] > 0]
     per_site = [r["aggregation"]["upload_bytes"] / r["aggregation"]["sites"] for r in trained]
-    site_bytes = [s["payload_bytes"] for r in trained for s in r["sites"]
-                  if s.get("status") == "ok"]
+    # Sites do not send their payload size (common/disclosure.py): read it from their ledgers.
+    site_bytes = [p.bytes for f in sorted((out / name).rglob(PrivacyLedger.FILENAME))
+                  for p in PrivacyLedger.from_file(f).payloads() if p.status == "ok"]
     return {"encoding": enc, "wall_s": wall, "accuracy": records[-1]["eval"]["accuracy"],
             "macro_f1": records[-1]["eval"]["macro_f1"],
             "accuracy_by_round": [r["eval"]["accuracy"] for r in records if "eval" in r],

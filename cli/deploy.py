@@ -110,13 +110,16 @@ def client(
     except ConfigError as e:
         _fail(str(e))
     if check:
-        from fedtune.client.preflight import preflight
+        from fedtune.client.preflight import policy_summary, preflight
 
         problems = preflight(cfg)
         if problems:
             _fail(f"{config}: site {cfg.site_id} is not ready:\n"
                   + "\n".join(f"  {p}" for p in problems))
         console.print(f"{config}: OK (site {cfg.site_id})")
+        console.print("privacy policy (site.toml [privacy]):\n"
+                      + "\n".join(f"  {line}" for line in policy_summary(cfg)),
+                      highlight=False, markup=False)
         return
     if insecure:
         err_console.print(INSECURE_WARNING)

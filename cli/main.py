@@ -7,10 +7,12 @@ config errors are instant.
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import typer
 
+from fedtune.cli.audit import register as register_audit_command
 from fedtune.cli.certs import certs_app
 from fedtune.cli.console import console
 from fedtune.cli.console import fail as _fail
@@ -26,6 +28,7 @@ config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(certs_app, name="certs")
 register_deploy_commands(app)  # server, client, demo-data
+register_audit_command(app)  # audit
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="Run configuration (TOML).")
 SET_OPT = typer.Option(
@@ -44,7 +47,7 @@ def _load(config: Path | None, overrides: list[str] | None):
 def config_show(config: Path | None = CONFIG_OPT, set_: list[str] | None = SET_OPT) -> None:
     """Print the effective configuration (defaults + file + overrides) as TOML."""
     cfg = _load(config, set_)
-    console.print(config_to_toml(cfg), markup=False, highlight=False)
+    console.print(config_to_toml(cfg), markup=False, highlight=False, soft_wrap=True)  # TOML
 
 
 @app.command()
@@ -53,7 +56,19 @@ def simulate(
     set_: list[str] | None = SET_OPT,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
 ) -> None:
-    """Run a federated DP-LoRA fine-tuning with N simulated sites on this machine."""
+    """Run a federated DP-LoRA fine-tuning with N simulated sites on this machine.
+
+    Held-out evaluation (the server evaluates the global adapter before training and after
+    rounds): data.eval = FILE (same columns as data.train) is used whole unless
+    data.max_eval_records caps it; without it, data.eval_fraction (0.1) of data.train is held
+    out before the sites' split (seeded by data.seed), and at most 500 of those records are
+    evaluated unless data.max_eval_records says otherwise. The header says how many.
+
+    Texts longer than model.max_length tokens are cut; the run says how many and suggests a
+    value (the 95th percentile of the token lengths, within the model's limit).
+
+    Ctrl-C or SIGTERM stops the run within seconds; finished rounds stay in the run directory.
+    """
     cfg = _load(config, set_)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -62,8 +77,8 @@ def simulate(
     from fedtune.common.models import ModelLoadError
     from fedtune.common.privacy import PrivacyBudgetError
     from fedtune.simulations.partition import PartitionError
-    from fedtune.simulations.progress import RichRoundListener, print_summary
-    from fedtune.simulations.runner import prepare_run, run_prepared
+    from fedtune.simulations.progress import RichRoundListener, eval_line, print_summary
+    from fedtune.simulations.runner import measure_lengths, prepare_run, run_prepared
 
     quiet_libraries()
     user_errors = (DataError, ModelLoadError, PrivacyBudgetError, PartitionError,
@@ -82,17 +97,23 @@ def simulate(
            if cfg.dp.enabled and cfg.dp.noise_multiplier is None else "")
         + f" | secure aggregation {'on' if cfg.federation.secagg else 'off'}"
     )
+    console.print(eval_line(prepared.held, cfg.data.max_eval_records))
     console.print(f"run directory: {prepared.run_dir}")
     try:
         with console.status("loading the base model (first use builds the local cache)"):
             from fedtune.common.models import ensure_cached
 
             ensure_cached(cfg.model.name, cfg.model.cache_dir)
+            lengths = measure_lengths(prepared)
+        if lengths.message():
+            console.print(f"[yellow]truncation:[/yellow] {lengths.message()}", highlight=False)
         with RichRoundListener(console, cfg.federation.rounds, cfg.federation.num_sites) as bar:
-            metrics = run_prepared(prepared, listener=bar, verbose=verbose)
+            metrics = run_prepared(prepared, listener=bar, verbose=verbose,
+                                   on_stop=partial(bar.stopped, prepared.run_dir))
     except user_errors as e:
         _fail(str(e))
-    print_summary(console, metrics, prepared.run_dir, cfg.dp.enabled)
+    print_summary(console, metrics, prepared.run_dir, cfg.dp.enabled,
+                  batch_size=cfg.train.batch_size, local_steps=cfg.train.local_steps)
     finished = [m["round"] for m in metrics]
     if cfg.federation.rounds not in finished:
         _fail(f"the run stopped before round {cfg.federation.rounds}; see {prepared.run_dir}")

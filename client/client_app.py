@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +21,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import Mod
 from flwr.common import Context
 
+from fedtune.client.canaries import GradientCanaries
 from fedtune.client.central_clip import clip_delta_if_asked
 from fedtune.client.privacy_gate import (
     STATUS_BUDGET_EXHAUSTED,
@@ -30,10 +29,12 @@ from fedtune.client.privacy_gate import (
     STATUS_REFUSED,
     admit_round,
 )
+from fedtune.client.randomness import round_seed
 from fedtune.client.trainer import train_local
 from fedtune.common.codec import METRIC_KEY, encode
 from fedtune.common.config import RunConfig
 from fedtune.common.data import EncodedDataset, read_records
+from fedtune.common.disclosure import disclose
 from fedtune.common.input_checks import check_task_records, warn_long_records
 from fedtune.common.ledger import PrivacyLedger
 from fedtune.common.lora import (
@@ -58,6 +59,11 @@ class SiteSpec:
     site_id: str
     data_path: Path
     state_dir: Path
+    # Opt-in values this site agrees to send (common/disclosure.py), e.g. {"train_loss"}; set
+    # by the site itself (site.toml), never by the run config in a deployment.
+    disclose: frozenset[str] = frozenset()
+    # An auditor site's secret canary file (client/canaries.py, `fedtune audit`); None: none.
+    canaries: Path | None = None
 
 
 # Tokenized site datasets, least recently used last. Bounded: a simulation worker serves many
@@ -90,7 +96,7 @@ class FedtuneClient(NumPyClient):
         self.cfg = cfg
 
     def fit(self, parameters: list[np.ndarray], config: dict) -> tuple[list, int, dict]:
-        fit_started = time.perf_counter()
+        """Train one round; the metrics returned are filtered by common/disclosure.py."""
         cfg, spec = self.cfg, self.spec
         task = resolve_task(cfg)
         run_id, rnd = str(config["run_id"]), int(config["server_round"])
@@ -110,28 +116,32 @@ class FedtuneClient(NumPyClient):
             metrics.update(gate.metrics)
             if not gate.admitted:  # a zero-example reply carries no update
                 zeros = [np.zeros_like(p) for p in parameters]
-                return zeros, 0, metrics | _record_payload(ledger, run_id, rnd, metrics, zeros)
+                _record_payload(ledger, run_id, rnd, metrics, zeros)
+                return zeros, 0, disclose(metrics, spec.disclose)
             sigma, q = gate.noise_multiplier, gate.sample_rate
 
         rt = get_runtime(cfg, task, num_labels(cfg, task))
         data = dataset()
         metrics["records"] = len(data)
         set_adapter(rt.model, parameters)
-        started = time.perf_counter()
+        canaries = GradientCanaries.open(spec.canaries, rt.model) if spec.canaries else None
         result = train_local(
             rt.model, data, task=task, pad_id=rt.pad_id, device=rt.device, train=cfg.train,
             dp=cfg.dp, noise_multiplier=sigma, steps=steps,
-            seed=zlib.crc32(f"{cfg.seed}:{spec.site_id}:{rnd}".encode()),
+            # None: from OS entropy at the site; the run seed only if dp.reproducible_seed.
+            seed=round_seed(cfg.dp, cfg.seed, spec.site_id, rnd),
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
+            canaries=canaries,
         )
-        metrics["train_seconds"] = time.perf_counter() - started
         if cfg.dp.enabled and not math.isclose(result.sample_rate, q):
             raise RuntimeError(f"sample rate mismatch: accounted {q}, trained {result.sample_rate}")
         local = get_adapter(rt.model)
         delta = [lo - np.asarray(g, dtype=np.float32) for lo, g in zip(local, parameters,
                                                                        strict=True)]
-        metrics.update(status=STATUS_OK, train_loss=result.mean_loss,
-                       examples_seen=result.examples_seen)
+        if canaries is not None:  # the auditor keeps its canaries' coordinates, at the site
+            canaries.observe(rnd, delta)
+        # Not sent: examples_seen (the Poisson batch sizes) and timings (common/disclosure.py).
+        metrics.update(status=STATUS_OK, train_loss=result.mean_loss)
         clipped = clip_delta_if_asked(delta, config)  # site-level DP with client-side clipping
         metrics.update(clipped)
         metrics[LAYOUT_METRIC] = adapter_layout(rt.model)  # names + shapes, checked by the server
@@ -141,20 +151,18 @@ class FedtuneClient(NumPyClient):
         if encoding != "fp32":
             delta = encode(delta, encoding)
             metrics[METRIC_KEY] = encoding
-        metrics.update(_record_payload(ledger, run_id, rnd, metrics, delta))
-        # All of this call (data, ledger, training, encoding): the rest of a round is the link's
-        metrics["fit_seconds"] = time.perf_counter() - fit_started
+        _record_payload(ledger, run_id, rnd, metrics, delta)
         # Site-level DP weighs sites equally, also inside SecAgg+'s weighted sum.
-        return delta, 1 if clipped else len(data), metrics
+        return delta, 1 if clipped else len(data), disclose(metrics, spec.disclose)
 
 
 def _record_payload(ledger: PrivacyLedger, run_id: str, rnd: int, metrics: dict,
-                    arrays: list[np.ndarray]) -> dict:
-    """Write (fsync) the size and hash of what is about to leave the site into its ledger."""
+                    arrays: list[np.ndarray]) -> None:
+    """Write (fsync) the size and hash of what is about to leave the site into its ledger (only
+    there: the server hashes what it receives itself)."""
     digest = payload_digest(arrays)
     ledger.record_payload(run_id=run_id, round=rnd, status=str(metrics.get("status", "?")),
                           size=digest.bytes, sha256=digest.sha256, tensors=digest.tensors)
-    return {"payload_bytes": digest.bytes, "payload_sha256": digest.sha256}
 
 
 def _set_threads(cfg: RunConfig, parallel_sites: int) -> None:

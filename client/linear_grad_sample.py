@@ -7,7 +7,7 @@ autograd still computes the usual summed weight gradient next to it. In fedtune'
 trainable tensor is the weight or bias of a plain `nn.Linear` (LoRA's A and B, a linear head),
 which makes most of that machinery overhead: on MiniLM at batch 512 the work only DP did was
 about 5 % of a step, and the per-example einsums themselves a sixth of that (profile in
-benchmarks/RESULTS.md).
+results/RESULTS.md).
 
 Here each such layer runs through `_LinearGradSample`, an autograd function whose backward
 returns the input gradient and stores the per-example weight and bias gradients in

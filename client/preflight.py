@@ -12,6 +12,8 @@ privacy ledger is only opened if it exists (an integrity check that writes nothi
 - state_dir: a directory, writable (a real write + fsync, which also catches a read-only file
   system), with at least `MIN_FREE_BYTES` free: the ledger must be able to commit every round.
 - the privacy ledger, if present: a readable SQLite file that passes `PRAGMA quick_check`.
+
+`policy_summary` states the site's privacy policy (site.toml `[privacy]`) as it will be applied.
 """
 
 from __future__ import annotations
@@ -96,6 +98,56 @@ def check_ledger(state_dir: Path) -> list[str]:
     if "rounds" not in names:
         return [f"state_dir: {path} is not a fedtune privacy ledger (no 'rounds' table)"]
     return []
+
+
+def policy_summary(cfg: SiteConfig) -> list[str]:
+    """The site's effective privacy policy, one line per key (`fedtune client --check`)."""
+    from fedtune.client.site_policy import ModelDigests
+
+    p = cfg.privacy
+
+    def limit(value: object, text: str, default: str) -> str:
+        return text.format(value) if value is not None else default
+
+    lines = [
+        "DP-SGD: " + ("optional (privacy.allow_no_dp = true)" if p.allow_no_dp
+                      else "required; a run with dp.enabled = false is refused"),
+        limit(p.target_epsilon, "ε of one run: at most {:g} (privacy.target_epsilon); a run "
+              "asking more trains at this ε", "ε of one run: as the run asks"),
+        limit(p.max_epsilon, "ε of all runs together: at most {:g} (privacy.max_epsilon); a "
+              "run that cannot fit is refused", "ε of all runs together: no limit "
+              "(privacy.max_epsilon)"),
+        limit(p.max_delta, "δ: at most {:g} (privacy.max_delta); a run asking more is refused",
+              "δ: no limit (privacy.max_delta)"),
+    ]
+    if p.delta is not None:
+        lines.append(f"δ used: the smaller of the run's and {p.delta:g} (privacy.delta)")
+    if p.noise_multiplier is not None:
+        lines.append(f"noise multiplier: at least {p.noise_multiplier:g} "
+                     "(privacy.noise_multiplier)")
+    if p.max_grad_norm is not None:
+        lines.append(f"clipping bound: {p.max_grad_norm:g} (privacy.max_grad_norm)")
+    if p.accountant is not None:
+        lines.append(f"accountant: {p.accountant} (privacy.accountant)")
+    lines.append("SecAgg+: " + ("required (privacy.require_secagg)" if p.require_secagg
+                                else "as the run asks"))
+    if p.min_secagg_threshold_fraction is not None:
+        lines.append(f"SecAgg+ threshold and share count: at least "
+                     f"{p.min_secagg_threshold_fraction:g} (privacy.min_secagg_threshold_"
+                     "fraction)")
+    lines.append(limit(p.max_rounds, "rounds: at most {} (privacy.max_rounds)",
+                       "rounds: no limit (privacy.max_rounds)"))
+    if p.allowed_models is None:
+        lines.append("models: any (privacy.allowed_models)")
+    else:
+        digests = ModelDigests(cfg.state_dir)
+        for m in p.allowed_models:
+            here = digests(m.name)
+            state = ("not found at this site" if here is None
+                     else "matches" if here.lower() == m.sha256.lower()
+                     else f"DIFFERS: its weights here hash to {here}")
+            lines.append(f"model allowed: {m.name} sha256 {m.sha256} ({state})")
+    return lines
 
 
 def preflight(cfg: SiteConfig) -> list[str]:

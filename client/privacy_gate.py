@@ -70,6 +70,7 @@ def admit_round(
         run_id=run_id, round=server_round, noise_multiplier=plan.noise_multiplier,
         sample_rate=plan.sample_rate, steps=steps, max_grad_norm=plan.max_grad_norm,
         delta=plan.delta, records=plan.records, accountant=plan.accountant,
+        secret_randomness=not dp.reproducible_seed,  # as client/randomness.py::round_seed
     )
     return Admission(
         True, plan.noise_multiplier, plan.sample_rate,

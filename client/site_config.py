@@ -2,8 +2,9 @@
 
 A site's file says who the site is, where its private data and state live, how to reach the
 coordinator and with which key, and the site's own privacy budget. The run itself (model, LoRA,
-training steps, rounds) comes from the coordinator with the run; the site's `[privacy]` section
-overrides the run's `dp` settings, so a site never spends more than it agreed to.
+training steps, rounds) comes from the coordinator with the run; the site's `[privacy]` section is
+the floor the run cannot weaken: the run's settings may only tighten it, and a run that asks for
+more than it allows is refused before any data is read (client/site_policy.py).
 
 Example `site.toml`::
 
@@ -19,8 +20,13 @@ Example `site.toml`::
     private_key = "/etc/fedtune/certs/site.key"
 
     [privacy]
-    target_epsilon = 4.0
-    delta = 1e-6
+    target_epsilon = 4.0      # the most one run may spend here (a run asking more gets 4)
+    max_epsilon = 10.0        # the most all runs together may spend here
+    max_delta = 1e-6
+    require_secagg = true
+    min_secagg_threshold_fraction = 0.6
+    max_rounds = 50
+    allowed_models = [{ name = "smollm2-135m-instruct", sha256 = "..." }]
 """
 
 from __future__ import annotations
@@ -67,8 +73,24 @@ class SiteAuth(_Section):
     private_key: Path
 
 
+class AllowedModel(_Section):
+    """A base model this site agrees to train: its name and the SHA-256 of its weights."""
+
+    name: str = Field(..., min_length=1)
+    # Of the weight file as resolved at the site (several files: client/site_policy.py).
+    sha256: str = Field(..., pattern=r"^[0-9a-fA-F]{64}$")
+
+
 class SitePrivacy(_Section):
-    """The site's own DP budget. Keys given here override the run's `dp` section."""
+    """The site's privacy policy: a floor the run config can tighten but never weaken.
+
+    The run is tightened to: target_epsilon (the most ε one run may spend), delta,
+    noise_multiplier (the least), and the site's own max_grad_norm and accountant.
+    Refused: a run whose ε, once tightened, exceeds max_epsilon (all runs together) or what
+    earlier runs left of it; a δ above max_delta; DP off (unless allow_no_dp); SecAgg+ off with
+    require_secagg, or below min_secagg_threshold_fraction; a model not in allowed_models;
+    more than max_rounds rounds.
+    """
 
     target_epsilon: float | None = Field(None, gt=0)
     delta: float | None = Field(None, gt=0, lt=1)
@@ -76,6 +98,14 @@ class SitePrivacy(_Section):
     max_grad_norm: float | None = Field(None, gt=0)
     accountant: Literal["rdp", "prv"] | None = None
     max_epsilon: float | None = Field(None, gt=0)
+    max_delta: float | None = Field(None, gt=0, lt=1)
+    # DP-SGD is required unless the site itself opts out here.
+    allow_no_dp: bool = False
+    require_secagg: bool = False
+    # SecAgg+: the smallest reconstruction threshold / share count the site accepts.
+    min_secagg_threshold_fraction: float | None = Field(None, gt=0, le=1)
+    allowed_models: list[AllowedModel] | None = None
+    max_rounds: int | None = Field(None, gt=0)
 
 
 class SiteDaemon(_Section):
@@ -109,11 +139,10 @@ class SiteConfig(_Section):
     keep_update_copies: bool = False
 
     def run_dp(self, dp: DPConfig) -> DPConfig:
-        """The run's DP settings with this site's privacy budget applied on top."""
-        overrides = self.privacy.model_dump(exclude_none=True)
-        if not overrides:
-            return dp
-        return DPConfig.model_validate({**dp.model_dump(), **overrides, "enabled": True})
+        """The run's DP settings tightened by this site's policy (client/site_policy.py)."""
+        from fedtune.client.site_policy import effective_dp
+
+        return effective_dp(dp, self.privacy)
 
 
 def _resolve(base: Path, p: Path | None) -> Path | None:

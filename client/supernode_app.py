@@ -6,9 +6,10 @@ passed by the site daemon as the SuperNode's node config (`site-config="/path/si
 
 - the *run* settings (model, LoRA, local steps, rounds) come from the coordinator, as JSON in
   the run config (`fedtune-config`);
-- the *site* settings (identity, private data path, state directory, privacy budget, threads)
-  come from site.toml and override the run's: the coordinator cannot point a site at other data
-  or raise its privacy budget.
+- the *site* settings (identity, private data path, state directory, privacy policy, threads)
+  come from site.toml: the coordinator cannot point a site at other data, and its `[privacy]`
+  policy is a floor the run can only tighten. A run (or SecAgg+ setup) that asks for more is
+  refused before any data is read, logged and recorded in the ledger (client/site_policy.py).
 
 The training itself is `client.client_app.build_client_app`, the same code path as in simulation.
 SecAgg+'s pure-crypto stages (setup, key sharing, unmasking) are answered by Flower's
@@ -23,7 +24,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
@@ -43,6 +44,7 @@ from fedtune.common.protocol import (
     NODE_CONFIG_KEY,
     RUN_CONFIG_KEY,
     RUN_NAME_KEY,
+    site_refusal_message,
 )
 from fedtune.common.update_checks import check_values
 
@@ -61,14 +63,21 @@ def site_config_of(context: Context) -> SiteConfig:
     return load_site_config(str(path), check_files=False)
 
 
-def run_config_for_site(context: Context, site: SiteConfig) -> RunConfig:
-    """The coordinator's run settings with this site's own settings applied on top."""
+def run_config_of(context: Context) -> RunConfig:
+    """The coordinator's run settings, as sent (before the site's policy)."""
     raw = context.run_config.get(RUN_CONFIG_KEY)
     if not isinstance(raw, str):
         raise RuntimeError(f"the run carries no '{RUN_CONFIG_KEY}': not a fedtune run")
-    cfg = RunConfig.model_validate_json(raw)
+    return RunConfig.model_validate_json(raw)
+
+
+def run_config_for_site(context: Context, site: SiteConfig) -> RunConfig:
+    """The coordinator's run settings tightened by this site's policy and own settings."""
+    cfg = run_config_of(context)
     return cfg.model_copy(update={
-        "dp": site.run_dp(cfg.dp),
+        # Secret sampling and noise at a deployed site, whatever the run asks: a reproducible
+        # seed would let the coordinator recompute every batch and the noise.
+        "dp": site.run_dp(cfg.dp).model_copy(update={"reproducible_seed": False}),
         "train": cfg.train.model_copy(update={"threads": site.threads}),
         # The site is alone on its machine; the model cache is the site's own.
         "federation": cfg.federation.model_copy(update={"parallel_sites": 1}),
@@ -144,12 +153,79 @@ def local_update_mod(site: SiteConfig, run_name: str, cfg: RunConfig):
     return mod
 
 
+def _run_name(context: Context) -> str:
+    return str(context.run_config.get(RUN_NAME_KEY, context.run_id))
+
+
+def check_secagg_setup(msg: Message, context: Context, site: SiteConfig) -> None:
+    """Refuse (raise) SecAgg+ parameters below the site's floor; logged and in the ledger.
+
+    The error's text names the site and the key (numbers redacted): the coordinator lists it.
+    """
+    from fedtune.client.site_policy import secagg_violation
+
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    problem = secagg_violation(site.privacy, configs)
+    if problem is None:
+        return
+    from fedtune.client.site_policy import record_refusal
+    from fedtune.common.disclosure import redact_numbers
+    from fedtune.common.ledger import PrivacyLedger
+
+    group = str(msg.metadata.group_id)
+    reason = record_refusal(PrivacyLedger(site.state_dir, site.site_id), run_id=_run_name(context),
+                            server_round=int(group) if group.isdigit() else 0, reason=problem)
+    raise RuntimeError(site_refusal_message(site.site_id, redact_numbers(reason)))
+
+
+def policy_refusal(msg: Message, context: Context, site: SiteConfig,
+                   asked: RunConfig) -> Message | None:
+    """The site's refusal reply when the run violates its policy (logged, in the ledger);
+    None when the run may go on. Reads no site data."""
+    from fedtune.client.site_policy import ModelDigests, violations
+    from fedtune.common.ledger import PrivacyLedger
+
+    ledger = PrivacyLedger(site.state_dir, site.site_id)
+    config: dict = {}
+    if msg.metadata.message_type == MessageType.TRAIN:
+        config = dict(compat.recorddict_to_fitins(msg.content, keep_input=True).config)
+    run_id = str(config.get("run_id", _run_name(context)))
+
+    def earlier_runs(delta: float, accountant: str) -> float:
+        from fedtune.common.privacy import epsilon
+
+        return epsilon([r.mechanism for r in ledger.rows() if r.run_id != run_id], delta,
+                       accountant)
+
+    problems = violations(
+        site.privacy, asked, num_rounds=int(config.get("num_rounds", 0)) or None,
+        server_round=int(config.get("server_round", 0)) or None,
+        model_digest=ModelDigests(site.state_dir), prior_epsilon=earlier_runs,
+    )
+    if not problems:
+        return None
+    from fedtune.client.site_policy import RefusingClient, record_refusal
+
+    reason = record_refusal(ledger, run_id=run_id, server_round=int(config.get("server_round", 0)),
+                            reason="; ".join(problems))
+    client = RefusingClient(site.site_id, ledger, run_id, reason)
+    mods = [secaggplus_mod] if asked.federation.secagg else []
+    return ClientApp(client_fn=lambda _ctx: client.to_client(), mods=mods)(msg, context)
+
+
 def _handle(msg: Message, context: Context) -> Message:
     site = site_config_of(context)
-    cfg = run_config_for_site(context, site)
-    secagg = bool(cfg.federation.secagg)
-    if secagg and _secagg_stage(msg) not in (None, Stage.COLLECT_MASKED_VECTORS):
+    asked = run_config_of(context)
+    secagg = bool(asked.federation.secagg)
+    stage = _secagg_stage(msg) if secagg else None
+    if stage == Stage.SETUP:
+        check_secagg_setup(msg, context, site)
+    if secagg and stage not in (None, Stage.COLLECT_MASKED_VECTORS):
         return secaggplus_mod(msg, context, _no_training)
+    # The site's policy, before any data is read: a run that asks for more is refused.
+    if (refusal := policy_refusal(msg, context, site, asked)) is not None:
+        return refusal
+    cfg = run_config_for_site(context, site)
 
     from fedtune.client.client_app import SiteSpec, build_client_app  # torch, transformers, Opacus
 

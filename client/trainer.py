@@ -11,17 +11,22 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from opacus import PrivacyEngine
 from opacus.optimizers import DPOptimizer
 
+from fedtune.client.fp32_clip import Fp32ClipDPOptimizer
 from fedtune.client.linear_grad_sample import linear_grad_samples, trainable_linears
+from fedtune.client.randomness import site_randomness
 from fedtune.common.config import DPConfig, TrainConfig
 from fedtune.common.data import EncodedDataset, PadCollator, length_chunks
 from fedtune.common.models import TaskKind
 from fedtune.common.tasks import per_sample_loss
+
+if TYPE_CHECKING:
+    from fedtune.client.canaries import GradientCanaries
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class TrainResult:
     examples_seen: int  # examples actually sampled across all steps
     empty_steps: int  # Poisson batches with no example (noise-only DP steps)
     sample_rate: float  # q used for accounting (0 without DP)
+    secret_randomness: bool  # sampler and noise from OS entropy (False: from a given seed)
 
 
 def poisson_sample_rate(records: int, batch_size: int) -> float:
@@ -128,9 +134,10 @@ def train_local(
     dp: DPConfig,
     noise_multiplier: float,
     steps: int,
-    seed: int,
+    seed: int | None = None,
     proximal_mu: float = 0.0,
     grad_sample_mode: Literal["auto", "hooks"] = "auto",
+    canaries: GradientCanaries | None = None,
 ) -> TrainResult:
     """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place.
 
@@ -143,7 +150,15 @@ def train_local(
 
     Under DP, per-example gradients come from client/linear_grad_sample.py when every trainable
     tensor belongs to an nn.Linear (LoRA, a linear head: the usual case), else from Opacus'
-    hooks; `grad_sample_mode="hooks"` forces the hooks (to compare the two).
+    hooks; `grad_sample_mode="hooks"` forces the hooks (to compare the two). Clipping and the
+    clipped sum are float32 whatever the model's dtype (client/fp32_clip.py).
+
+    `seed` None (the default): the Poisson sampler and the noise draw from OS entropy, so nobody
+    else can know the batches or the noise. An int makes the round reproducible, and known to
+    whoever knows it (tests, benchmarks, `dp.reproducible_seed`; client/randomness.py).
+
+    `canaries` (an auditor site, client/canaries.py): under DP, each step first clips the
+    gradients of the canaries its Poisson sample takes into the step's sum, then the batch's.
     """
     if grad_sample_mode not in ("auto", "hooks"):
         raise ValueError(f"grad_sample_mode must be 'auto' or 'hooks', not {grad_sample_mode!r}")
@@ -152,13 +167,13 @@ def train_local(
     params = [p for _, p in named]
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = _optimizer(named, train)
-    generator = torch.Generator().manual_seed(seed)
+    rng = site_randomness(seed, device)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=min(train.batch_size, len(dataset)),
         shuffle=True,
         collate_fn=PadCollator(pad_id),
-        generator=generator,
+        generator=rng.sampler,  # Opacus' Poisson sampler takes the loader's generator
     )
     sample_rate = 0.0
     module: torch.nn.Module = model
@@ -175,10 +190,15 @@ def train_local(
                 noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm,
                 poisson_sampling=True,
+                noise_generator=rng.noise,
                 # "no_op": Opacus' mode for per-example gradients computed outside its hooks.
                 grad_sample_mode="hooks" if linears is None else "no_op",
             )
         sample_rate = float(loader.sample_rate)
+        if loader.batch_sampler.generator is not rng.sampler:
+            raise RuntimeError("Opacus' Poisson sampler does not use the site's generator")
+        # Per-example norms, clip factors and the clipped sum in float32 (bf16 models too).
+        optimizer = Fp32ClipDPOptimizer.replacing(optimizer, rng.noise)
         # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
         # Poisson batch is empty; PadCollator builds empty batches itself.
         loader.collate_fn = PadCollator(pad_id)
@@ -192,6 +212,11 @@ def train_local(
             restore.enter_context(linear_grad_samples(linears))
         for batch in _batches(loader, steps):
             optimizer.zero_grad(set_to_none=True)
+            if canaries is not None and dp.enabled:
+                for rows in canaries.step_passes(params, sample_rate, dp.max_grad_norm):
+                    for p, g in zip(params, rows, strict=True):
+                        p.grad_sample = g
+                    _clip_into_sum(optimizer)
             n = int(batch["input_ids"].shape[0])
             if n == 0:
                 empty += 1
@@ -220,4 +245,4 @@ def train_local(
                 p.grad_sample = p.summed_grad = None
             optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return TrainResult(mean_loss, steps, seen, empty, sample_rate)
+    return TrainResult(mean_loss, steps, seen, empty, sample_rate, rng.secret)

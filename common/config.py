@@ -85,6 +85,11 @@ class DPConfig(_Section):
     # The site's privacy budget over all runs in its ledger (None: only the per-run target).
     # A round that would take the site's total epsilon above it is declined.
     max_epsilon: float | None = Field(None, gt=0)
+    # false (default): each site draws its Poisson batches and its noise from OS entropy, secret
+    # even from the coordinator. true: from the run's `seed` (reproducible simulations and
+    # benchmarks only): the guarantee then does not hold against whoever knows the seed, and the
+    # report says so. A deployed site ignores it (client/supernode_app.py).
+    reproducible_seed: bool = False
 
     @model_validator(mode="after")
     def _noise_or_target(self) -> DPConfig:
@@ -269,10 +274,15 @@ class DataConfig(_Section):
 
     # "demo" (made by fedtune), or a .jsonl / .csv file.
     train: str = "demo"
-    # A held-out file for server-side evaluation; None: hold out eval_fraction of `train`.
+    # The server's held-out evaluation set (common/splits.py). A file (.jsonl / .csv, same
+    # columns as `train`): used whole unless max_eval_records caps it. None: eval_fraction of
+    # `train` is held out before the sites' split (seeded by data.seed; never trained on), and
+    # at most AUTO_EVAL_CAP (500) of those records are evaluated, to keep each round's
+    # evaluation short; set max_eval_records to evaluate more (or fewer).
     eval: str | None = None
     eval_fraction: float = Field(0.1, gt=0, lt=1)
-    max_eval_records: int = Field(64, gt=0)
+    # Cap on evaluated records, drawn uniformly (seeded). None: see `eval` above.
+    max_eval_records: int | None = Field(None, gt=0)
     # Cap on records per site after partitioning (keeps CPU runs short); None = no cap.
     max_records_per_site: int | None = Field(None, gt=0)
     # Instruction data: keys of prompt and response ({"messages": [...]} is detected as chat).
@@ -420,6 +430,10 @@ def config_to_toml(cfg: RunConfig) -> str:
 # What an unset key means, where that is not obvious (shown by `fedtune config show`).
 UNSET_MEANING = {
     "federation.secagg": " (SecAgg+ off in `fedtune simulate`, on in `fedtune server`)",
+    "data.eval": (" (a held-out file, same columns as data.train, evaluated whole; unset: "
+                  "data.eval_fraction of data.train is held out, seeded by data.seed)"),
+    "data.max_eval_records": (" (all of data.eval; at most 500 of the split held out from "
+                              "data.train)"),
 }
 
 

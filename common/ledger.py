@@ -6,7 +6,8 @@ never under-count it.
 
 Tables (one file per site, `<state_dir>/privacy_ledger.sqlite`; runs accumulate in it):
 - `rounds`   one row per DP round started: mechanism parameters and the cumulative epsilon of the
-             run and of all runs at this site, from both accountants (RDP and PRV).
+             run and of all runs at this site, from both accountants (RDP and PRV), and whether
+             its sampling and noise were secret (OS entropy) or from a known seed.
 - `plans`    the budget plan of each run (noise multiplier, sample rate, budgets), fixed at its
              first round.
 - `payloads` what left the site each round: size and SHA-256 of the serialized update, never data.
@@ -79,9 +80,11 @@ CREATE TABLE IF NOT EXISTS declines (
     recorded_at REAL NOT NULL
 );
 """
-# Columns added after the first schema: both accountants' epsilon on every round.
-ADDED_ROUND_COLUMNS = ("epsilon_run_rdp", "epsilon_run_prv", "epsilon_total_rdp",
-                       "epsilon_total_prv")
+# Columns added after the first schema (older rows keep NULL): both accountants' epsilon on
+# every round, and whether the round's randomness was secret (1), from a seed (0), unknown (NULL).
+ADDED_ROUND_COLUMNS = {"epsilon_run_rdp": "REAL", "epsilon_run_prv": "REAL",
+                       "epsilon_total_rdp": "REAL", "epsilon_total_prv": "REAL",
+                       "secret_randomness": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,13 @@ class LedgerRow:
     epsilon_run_prv: float | None = None
     epsilon_total_rdp: float | None = None
     epsilon_total_prv: float | None = None
+    # Poisson sampling and noise from OS entropy (True), from a seed someone may know (False);
+    # None: a row written before this was recorded.
+    secret_randomness: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.secret_randomness is not None:  # SQLite gives 0 / 1
+            object.__setattr__(self, "secret_randomness", bool(self.secret_randomness))
 
     @property
     def mechanism(self) -> Mechanism:
@@ -138,9 +148,9 @@ def _migrate(db: sqlite3.Connection) -> None:
     """Create missing tables and add columns that older ledgers lack (their rows keep NULL)."""
     db.executescript(SCHEMA)
     have = {r[1] for r in db.execute("PRAGMA table_info(rounds)")}
-    for col in ADDED_ROUND_COLUMNS:
+    for col, kind in ADDED_ROUND_COLUMNS.items():
         if col not in have:
-            db.execute(f"ALTER TABLE rounds ADD COLUMN {col} REAL")
+            db.execute(f"ALTER TABLE rounds ADD COLUMN {col} {kind}")
 
 
 class PrivacyLedger:
@@ -286,8 +296,12 @@ class PrivacyLedger:
         delta: float,
         records: int,
         accountant: str,
+        secret_randomness: bool | None = None,
     ) -> LedgerRow:
-        """Append one round's spend and fsync it. Call before the data is used."""
+        """Append one round's spend and fsync it. Call before the data is used.
+
+        `secret_randomness`: whether the round samples and noises from OS entropy (None: not
+        said; the report treats it as unknown)."""
         site = self._require_site()
         mech = (noise_multiplier, sample_rate, steps)
         run_history, site_history = self.history(run_id), self.history()
@@ -296,7 +310,7 @@ class PrivacyLedger:
         row = LedgerRow(
             run_id, site, round, noise_multiplier, sample_rate, steps, max_grad_norm,
             delta, records, accountant, run[accountant], total[accountant], time.time(),
-            run["rdp"], run["prv"], total["rdp"], total["prv"],
+            run["rdp"], run["prv"], total["rdp"], total["prv"], secret_randomness,
         )
         self._insert("rounds", LedgerRow, row)
         return row

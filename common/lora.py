@@ -7,6 +7,7 @@ build the same PEFT model from the same config).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -116,13 +117,37 @@ def set_adapter(model: torch.nn.Module, arrays: list[np.ndarray]) -> None:
         p.copy_(torch.from_numpy(np.asarray(a)).to(p.device, p.dtype))
 
 
-def save_adapter(model: PeftModel, directory: Path) -> None:
-    """Write adapter_config.json + adapter_model.safetensors atomically (tmp dir, then rename)."""
+def _save_pretrained(model: PeftModel, directory: Path) -> None:
+    """PEFT's save_pretrained, with adapter_config.json naming the base the model was built
+    from (common/model_cache.py sets it: `model.name`). PEFT looks a set name up on the model
+    hub at every save (has the vocabulary changed?), so the name is written afterwards."""
+    configs = model.peft_config
+    bases = {k: c.base_model_name_or_path for k, c in configs.items()}
+    for c in configs.values():
+        c.base_model_name_or_path = None
+    try:
+        model.save_pretrained(directory, safe_serialization=True)
+    finally:
+        for k, c in configs.items():
+            c.base_model_name_or_path = bases[k]
+    base = bases.get("default")
+    path = directory / "adapter_config.json"
+    if base and path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data["base_model_name_or_path"] = base
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def save_adapter(model: PeftModel, directory: Path, card: str | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors atomically (tmp dir, then rename);
+    `card` replaces PEFT's empty README.md template (common/loading.py::model_card)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        _save_pretrained(model, tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

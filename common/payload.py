@@ -30,3 +30,12 @@ def payload_digest(arrays: Sequence[np.ndarray]) -> PayloadDigest:
         h.update(raw)
         size += len(raw)
     return PayloadDigest(size, h.hexdigest(), len(arrays))
+
+
+def received_sha256(tensors: Sequence[bytes]) -> str:
+    """The server's SHA-256 of a reply's serialized tensors (`Parameters.tensors`): equal to the
+    site's `payload_digest(...).sha256` of the same update."""
+    h = hashlib.sha256()
+    for raw in tensors:
+        h.update(raw)
+    return h.hexdigest()

@@ -16,3 +16,21 @@ FITRES_PARAMETERS = "fitres.parameters"  # where Flower's legacy FitRes keeps th
 # The Flower app components that `flwr run` starts (installed fedtune modules).
 SERVER_APP_COMPONENT = "fedtune.server.superlink_app:app"
 CLIENT_APP_COMPONENT = "fedtune.client.supernode_app:app"
+
+# A site that refuses a SecAgg+ setup (its policy, client/site_policy.py) fails that message;
+# the error text carries this tag, its name and the reason, so the coordinator can list it.
+SITE_REFUSAL_TAG = "fedtune-site-refusal"
+
+
+def site_refusal_message(site_id: str, reason: str) -> str:
+    return f"{SITE_REFUSAL_TAG} [{site_id}] {reason}"
+
+
+def parse_site_refusal(text: str) -> tuple[str, str] | None:
+    """(site_id, reason) from an error text made by `site_refusal_message`, else None."""
+    _, tag, rest = text.partition(SITE_REFUSAL_TAG + " [")
+    site_id, sep, reason = rest.partition("] ")
+    if not tag or not sep:
+        return None
+    # Flower wraps the exception text: "<class '...'>:<'TEXT'>"
+    return site_id, reason.removesuffix("'>").strip()

@@ -6,6 +6,7 @@
     <output.dir>/<run>/checkpoints/round-NNNN/   the global adapter after each round
     <output.dir>/<run>/adapter/           the final global adapter (PEFT format)
     <output.dir>/<run>/sites/site-K/      a simulated site's data and state
+    <output.dir>/<run>/audit.json         a privacy audit's result (`fedtune audit`)
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ class RunLayout:
 
     def site_dir(self, site_id: str) -> Path:
         return self.run_dir / "sites" / site_id
+
+    @property
+    def audit(self) -> Path:
+        """`fedtune audit`'s result (simulations/audit.py); the report reads it."""
+        return self.run_dir / "audit.json"
 
 
 def new_run_name(run_name: str | None) -> str:

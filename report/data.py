@@ -3,7 +3,9 @@
 Every epsilon in the report is read from the site ledgers as written (rows from before the PRV
 column was added are recomputed from their mechanism parameters and marked so); nothing is
 re-estimated. The run's `metrics.jsonl` adds the server's view: which sites replied with what
-status, the payload hashes it received, and the site-level (central DP) accountant.
+status, the hash of each reply as the server received it (computed by the server; without
+SecAgg+), which values each site sent, and the site-level (central DP) accountant. What may leave
+a site at all is the list in common/disclosure.py, printed as is.
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from fedtune.common import disclosure
 from fedtune.common.ledger import LedgerRow, PrivacyLedger
 from fedtune.common.privacy import epsilons
+from fedtune.common.run_layout import RunLayout
+from fedtune.report.wording import AUDIT_MEANING
 
 REPORT_VERSION = 1
 NEARLY_USED = 0.8  # warn when a site has used this share of its budget
@@ -52,7 +57,8 @@ def _round_dict(row: LedgerRow, run_history: list, site_history: list) -> dict:
 
 
 def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
-                 server_rounds: dict[tuple[str, int], dict]) -> dict:
+                 server_rounds: dict[tuple[str, int], dict],
+                 received: dict[tuple[str, int], str]) -> dict:
     site = PrivacyLedger.from_file(ledger.path, site_id)
     rows, plans = site.rows(), {r: p for r, _, p in site.plans()}
     payloads, declines = site.payloads(), site.declines()
@@ -66,10 +72,10 @@ def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
             run_rows.append(_round_dict(row, list(run_history), list(site_history)))
         run_payloads = [asdict(p) for p in payloads if p.run_id == run_id]
         for p in run_payloads:
-            seen = server_rounds.get((site_id, p["round"]))
+            seen = received.get((site_id, p["round"]))  # None under SecAgg+
             if seen is not None and run_id == focus_run:
-                p["server_received_sha256"] = seen.get("payload_sha256")
-                p["matches_server"] = seen.get("payload_sha256") == p["sha256"]
+                p["server_received_sha256"] = seen
+                p["matches_server"] = seen == p["sha256"]
         plan = plans.get(run_id)
         last = run_rows[-1] if run_rows else None
         runs.append({
@@ -84,6 +90,12 @@ def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
             "accounted_without_payload": sorted(
                 {r["round"] for r in run_rows} - {p["round"] for p in run_payloads}
             ),
+            # Rounds whose batches and noise came from the run's seed (dp.reproducible_seed),
+            # and rounds from before the ledger recorded it: not secret from whoever has the seed.
+            "seeded_rounds": sorted({r["round"] for r in run_rows
+                                     if r["secret_randomness"] is False}),
+            "randomness_unknown_rounds": sorted({r["round"] for r in run_rows
+                                                 if r["secret_randomness"] is None}),
             # Updates trained without DP (dp.enabled = false): no guarantee at all for them.
             "sent_without_dp": sorted(
                 {p["round"] for p in run_payloads if p["status"] == "ok"}
@@ -116,6 +128,9 @@ def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
         "budget_used": (total[accountant] / budget) if budget else None,
         "runs": runs,
         "focus_run": focus["run_id"] if focus else None,
+        # The values the server logged from this site in this run (a subset of the list)
+        "values_received": sorted({k for (sid, _), v in server_rounds.items() if sid == site_id
+                                   for k in v}),
     }
 
 
@@ -150,6 +165,20 @@ def _warnings(sites: list[dict], central: dict | None) -> list[dict]:
                 f"1/records = {1 / s['records']:.2g}, e.g. ≤ {0.1 / s['records']:.1g}"
             )})
         for run in s["runs"]:
+            if run["seeded_rounds"]:
+                out.append({"site": sid, "message": (
+                    f"{sid} drew its Poisson batches and noise from the run's seed "
+                    f"(dp.reproducible_seed) in run {run['run_id']} (rounds "
+                    f"{run['seeded_rounds']}): its guarantee does not hold against whoever "
+                    "knows the seed, the coordinator included"
+                )})
+            if run["randomness_unknown_rounds"]:
+                out.append({"site": sid, "message": (
+                    f"{sid}'s ledger does not say whether its batches and noise were secret in "
+                    f"run {run['run_id']} (rounds {run['randomness_unknown_rounds']}, recorded "
+                    "by an older fedtune, which seeded them from the run's seed): treat its "
+                    "guarantee as not holding against whoever knows that seed"
+                )})
             for d in run["declines"][:1]:
                 out.append({"site": sid, "message": (
                     f"{sid} declined from round {d['round']} of run {run['run_id']}: {d['reason']}"
@@ -189,6 +218,17 @@ def _central(metrics: list[dict]) -> dict | None:
             "epsilon_rdp": last["epsilon_rdp"], "epsilon_prv": last["epsilon_prv"]}
 
 
+def _audit(run_dir: Path | None) -> dict | None:
+    """`fedtune audit`'s result (RUN_DIR/audit.json, simulations/audit.py), if any."""
+    path = RunLayout(run_dir).audit if run_dir else None
+    if path is None or not path.is_file():
+        return None
+    audit = json.loads(path.read_text(encoding="utf-8"))
+    keep = ("mode", "m", "confidence", "delta", "accountant", "accountant_epsilon",
+            "lower_bound", "guesses", "correct", "audited", "passed", "tightness")
+    return {**{k: audit.get(k) for k in keep}, "meaning": AUDIT_MEANING}
+
+
 def build_report(source: str | Path) -> dict:
     """The report of a run directory (all its sites) or of one ledger file (all its runs)."""
     source = Path(source)
@@ -199,15 +239,20 @@ def build_report(source: str | Path) -> dict:
     server_rounds = {
         (s.get("site_id"), m["round"]): s for m in metrics for s in m.get("sites", [])
     }
+    received = {
+        (sid, m["round"]): sha for m in metrics
+        for sid, sha in (m.get("aggregation") or {}).get("received_sha256", {}).items()
+    }
     sites = []
     for path in ledgers:
         ledger = PrivacyLedger.from_file(path)
         for site_id in ledger.site_ids():
-            sites.append(_site_report(ledger, site_id, focus_run, server_rounds))
+            sites.append(_site_report(ledger, site_id, focus_run, server_rounds, received))
     sites.sort(key=lambda s: (len(s["site_id"]), s["site_id"]))
     if focus_run is None and sites:
         focus_run = sites[0]["focus_run"]
     central = _central(metrics)
+    audit = _audit(run_dir)
     declined_by_server = [
         {"round": m["round"], "site_id": s.get("site_id"), "status": s.get("status")}
         for m in metrics for s in m.get("sites", []) if s.get("status") not in (None, "ok")
@@ -221,5 +266,10 @@ def build_report(source: str | Path) -> dict:
         "sites": sites,
         "central_dp": central,
         "server_saw_declines": declined_by_server,
-        "warnings": _warnings(sites, central),
+        "disclosure": disclosure.as_rows(),  # what may leave each site (common/disclosure.py)
+        "warnings": _warnings(sites, central) + ([{"site": "site-0", "message": (
+            f"the privacy audit's lower bound ε ≥ {audit['lower_bound']:.3g} exceeds the "
+            f"accountant's ε = {audit['accountant_epsilon']:.3g}: a DP implementation bug")}]
+            if audit and not audit["passed"] else []),
+        "audit": audit,
     }

@@ -127,6 +127,26 @@ def _site_rounds(site: dict) -> str:
     )
 
 
+def _disclosure_table(report: dict) -> str:
+    """The list of values that may leave a site (common/disclosure.py), as the report holds it."""
+    rows = [[f"<code>{escape(d['key'])}</code>", escape(d["what"]), escape(d["why"]),
+             escape(d["when"])] for d in report.get("disclosure", [])]
+    received = "".join(
+        f"<li>{escape(s['site_id'])}: "
+        + (", ".join(f"<code>{escape(k)}</code>" for k in s.get("values_received", []))
+           or "nothing logged") + "</li>"
+        for s in report["sites"])
+    return (_table(["value", "what", "why the coordinator needs it", "when sent"], rows, left=4)
+            + "<p>Values the server logged from each site in this run:</p>"
+            + f"<ul>{received}</ul>")
+
+
+def _threat_model() -> str:
+    items = "".join(f"<li><b>{escape(who)}.</b> {escape(text)}</li>"
+                    for who, text in wording.THREAT_MODEL)
+    return f"<h2>Threat model</h2><ul>{items}</ul><p>{escape(wording.DELTA_MEANING)}</p>"
+
+
 def _central_section(central: dict | None) -> str:
     if not central:
         return ""
@@ -144,6 +164,21 @@ def _central_section(central: dict | None) -> str:
         + _table(["round", "clip norm C", "z", "effective z", "sites aggregated / sampled",
                   "ε (RDP)", "ε (PRV)"], rows)
     )
+
+
+def _audit_section(audit: dict | None) -> str:
+    """`fedtune audit`'s result: accountant ε next to the audited lower bound."""
+    if not audit:
+        return ""
+    row = [escape(str(audit["mode"])), escape(str(audit["audited"])), str(audit["m"]),
+           f"{audit['correct']}/{audit['guesses']}", f"{audit['confidence']:.0%}",
+           _f(audit["accountant_epsilon"]), _f(audit["lower_bound"]),
+           "yes" if audit["passed"] else "NO"]
+    return (f"<h2>Empirical privacy audit</h2><p>{escape(wording.AUDIT_METHOD)}</p>"
+            + _table(["mode", "what was audited", "canaries m", "right guesses", "confidence",
+                      f"accountant ε ({escape(str(audit['accountant']).upper())})",
+                      "audited lower bound ε", "bound ≤ accountant ε"], [row], left=2)
+            + f"<p><b>{escape(audit['meaning'])}</b></p>")
 
 
 def render_html(report: dict) -> str:
@@ -176,6 +211,7 @@ which each site writes (and flushes to disk) before it uses its data in a round.
 <p>Sample-level differential privacy, per site: each site's privacy is stated for its own records,
 over all the rounds of the run composed. Rounds a site declined cost it nothing.</p>
 {''.join(guarantees)}
+{_threat_model()}
 <h2>Warnings</h2>{warnings}
 <h2>ε over rounds</h2>
 <img alt="per-site epsilon over rounds" src="data:image/png;base64,{png}">
@@ -186,8 +222,10 @@ over all the rounds of the run composed. Rounds a site declined cost it nothing.
 <p>Each round's spend is recorded with two accountants; the budget is planned and enforced with
 the one named per site in the table.</p><ul>{accountants}</ul>
 {_central_section(report.get('central_dp'))}
+{_audit_section(report.get('audit'))}
 <h2>What left each site</h2>
 <p>{escape(wording.NEVER_DATA)}</p>
+{_disclosure_table(report)}
 {''.join(_site_rounds(s) for s in report['sites'])}
 </body></html>
 """

@@ -46,13 +46,34 @@ def sample_level(site: dict, run: dict | None, eps: float) -> str:
                 "site, so this run revealed nothing about its records.")
     return (
         f"For every single record held by {sid}, the model updates {sid} sent during this run "
-        f"({rounds} round{'s' if rounds != 1 else ''}, all composed) satisfies "
-        f"(ε = {eps:.3g}, δ = {delta:g})-differential privacy. In plain words: whoever sees "
-        f"those updates — the coordinator, the other sites, or anyone who obtains the final "
-        f"model — cannot become more than {_odds(eps)} times more confident (e^ε) about whether "
-        f"any one record was in {sid}'s data than they were before, except with probability "
-        f"at most δ = {delta:g}. This holds whatever they know besides.{_weak(eps)}"
+        f"({rounds} round{'s' if rounds != 1 else ''}, all composed) satisfy "
+        f"(ε = {eps:.3g}, δ = {delta:g})-differential privacy: for any set of possible "
+        f"updates, the probability that they fall in it with that record in {sid}'s data is at "
+        f"most e^ε = {_odds(eps)} times the probability without it, plus δ = {delta:g}. In "
+        f"plain words: whoever sees those updates — the coordinator, the other sites, or anyone "
+        f"who obtains the final model — learns little about whether any one record was there, "
+        f"whatever they know about the other records. This rests on {sid} drawing its sampling "
+        f"and noise in secret; it does not cover the values {sid} sent in clear (listed "
+        f"below), nor the attacks listed under the threat model.{_weak(eps)}"
+        f"{_seeded(sid, run)}"
     )
+
+
+def _seeded(sid: str, run: dict | None) -> str:
+    """The caveat of a run whose sampling and noise were not (or not known to be) secret."""
+    seeded = (run or {}).get("seeded_rounds") or []
+    unknown = (run or {}).get("randomness_unknown_rounds") or []
+    if seeded:
+        return (f" WARNING: in {len(seeded)} round(s) of this run {sid} drew its batches and "
+                "noise from the run's seed (dp.reproducible_seed, for reproducible "
+                "simulations), not in secret: the guarantee does not hold against whoever knows "
+                "the seed, the coordinator included.")
+    if unknown:
+        return (f" WARNING: {sid}'s ledger does not record whether its batches and noise were "
+                f"secret in {len(unknown)} round(s) of this run (an older fedtune, which seeded "
+                "them from the run's seed): the guarantee may not hold against whoever knows "
+                "that seed.")
+    return ""
 
 
 def site_total(site: dict) -> str:
@@ -86,14 +107,62 @@ def site_level(central: dict) -> str:
     )
 
 
+DELTA_MEANING = (
+    "δ is the additive slack of the (ε, δ) guarantee: for any set of outcomes, the probability "
+    "with a given record is at most e^ε times the probability without it, plus δ. It is stated "
+    "per site, for that site's whole run (all rounds composed). It is not the probability that a "
+    "record leaks, nor a rate per round or per record. A mechanism that published one record "
+    "in full, picked at random, would satisfy δ = 1/records; so δ must be far below 1/records."
+)
+
+# (who, what holds) — the threat model, in the order a compliance officer asks.
+THREAT_MODEL: tuple[tuple[str, str], ...] = (
+    ("An honest-but-curious coordinator (runs the protocol, reads what it receives)",
+     "With SecAgg+ on, it learns the sum of the sampled sites' updates, not one site's, as long "
+     "as fewer sites than the SecAgg+ threshold collude with it. Without SecAgg+ it sees each "
+     "site's update, protected only by that site's differential privacy. Either way it sees, "
+     "per site and in clear, the values listed under \"What left each site\"."),
+    ("A malicious coordinator (chooses the run config, the global adapter, the SecAgg+ "
+     "parameters)",
+     "SecAgg+ no longer protects: Flower's SecAgg+ client accepts whatever threshold and list of "
+     "dropped sites the server sends (fedtune's own server uses max(2, ⌊2n/3⌋) of n sites), so "
+     "a coordinator that lies can unmask single updates unless the site's policy refuses a "
+     "threshold below its floor. What still holds is each site's own sample-level (ε, δ): the "
+     "clipping bound, the noise, the budget and the policy floor come from the site's "
+     "site.toml, and the batches and noise are drawn from the site's own OS entropy, so no "
+     "choice of global adapter or run config weakens it."),
+    ("Other sites",
+     "They receive only the global adapters, which are computed from the sites' DP updates: "
+     "each site's (ε, δ) covers them. Sites that collude with the coordinator count towards "
+     "the SecAgg+ threshold."),
+    ("Not covered",
+     "Hyper-parameters chosen by trying them on a site's data (step sizes, batch size, rounds) "
+     "unless chosen on public data or by rule; the number of records at each site; the values "
+     "sent in clear (listed below); timing side channels (when a site replies, how long its "
+     "round takes); PyTorch's non-cryptographic random number generator when Opacus' secure "
+     "mode is off, and floating-point attacks on Gaussian sampling; whether a whole site took "
+     "part (only with site-level DP). A run with a fixed, known seed gives no guarantee "
+     "against whoever knows the seed."),
+)
+
 NEVER_DATA = (
     "What left each site, per round, is one model update (the LoRA adapter difference, or an "
-    "all-zero update when the site declined) and a few numbers: its record count, its mean "
-    "training loss and its ε. These numbers are not protected by the DP guarantee above (they "
-    "are aggregate statistics, sent in clear). Records, per-example gradients and the site's "
-    "data never leave the site. The size and SHA-256 "
-    "fingerprint below were written into the site's ledger (and fsync'ed) before the update "
-    "was sent; they identify exactly what was sent without revealing it. The site also reports "
-    "the hash with its update; the last column says whether the server's log (metrics.jsonl) "
-    "holds the same hash for that round."
+    "all-zero update when the site declined) and the values in the table below, which is the "
+    "list the sites' code filters their replies through (anything not in it is never sent). "
+    "Only the update is protected by the DP guarantee; the other values are sent in clear. "
+    "Records, per-example gradients and the site's data never leave the site. The size and "
+    "SHA-256 fingerprint of each update were written into the site's ledger (and fsync'ed) "
+    "before it was sent; the site does not send them. Without SecAgg+ the server hashes each "
+    "update it receives, and the last column says whether that hash equals the ledger's."
+)
+
+
+AUDIT_MEANING = (
+    "This is a lower bound: the attack could not show more leakage than this; it does not prove "
+    "the guarantee. An audited bound above the accountant's ε would show an implementation bug."
+)
+AUDIT_METHOD = (
+    "One-run audit (Steinke, Nasr & Jagielski, NeurIPS 2023): canaries each included with "
+    "probability 1/2 at the auditor site (site-0), scored after the run; the top and bottom "
+    "scores are guessed in and out, and the right guesses give ε's lower bound."
 )

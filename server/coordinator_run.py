@@ -29,9 +29,13 @@ def open_run(cfg: RunConfig, opts: CoordinatorOptions, *, resume: bool,
 
 
 def describe_round(rec: dict) -> str:
-    """One console line per round: held-out metrics, then each site's epsilon."""
+    """One console line per round: held-out metrics, then each site's epsilon (or, for a site
+    that refused or declined, its status and reason)."""
     sites = rec.get("sites") or []
-    eps = [f"{s.get('site_id')}: ε={s['epsilon']:.3g}" for s in sites if "epsilon" in s]
+    eps = [f"{s.get('site_id')}: {s['status']} ({s.get('reason', '')})"
+           if s.get("status") not in (None, "ok")
+           else f"{s.get('site_id')}: ε={s['epsilon']:.3g}" for s in sites
+           if "epsilon" in s or s.get("status") not in (None, "ok")]
     ev = rec.get("eval", {})
     main = ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, (int, float)))
     return f"round {rec['round']}: {main}" + (f" | {'; '.join(eps)}" if eps else "")

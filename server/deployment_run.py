@@ -15,7 +15,7 @@ from pathlib import Path
 import tomli_w
 
 from fedtune.common.config import ConfigError, RunConfig, config_to_toml, load_config
-from fedtune.common.data import Record, read_label_set, read_records, write_jsonl
+from fedtune.common.data import Record, read_label_set, write_jsonl
 from fedtune.common.protocol import (
     CLIENT_APP_COMPONENT,
     RESUME_KEY,
@@ -55,12 +55,12 @@ def deployment_config(cfg: RunConfig) -> RunConfig:
 def _heldout(cfg: RunConfig, task: str) -> tuple[list[Record], list[Record]]:
     """(records that define the label set, held-out evaluation records) at the coordinator."""
     if cfg.data.eval:
-        held = read_records(cfg.data.eval)[: cfg.data.max_eval_records]
-        return held, held
+        _, held = split_eval(cfg, [])  # the whole file unless data.max_eval_records caps it
+        return held.records, held.records
     if cfg.data.train == "demo" or Path(cfg.data.train).is_file():
         records = load_source(cfg, task)
         _, held = split_eval(cfg, records)
-        return records, held
+        return records, held.records
     raise ConfigError(
         "the coordinator needs a held-out evaluation file: set data.eval (the sites' training "
         "data stays at the sites)"

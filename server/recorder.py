@@ -17,6 +17,7 @@ from fedtune.common.lora import save_adapter, set_adapter
 from fedtune.common.model_cache import ModelRuntime
 from fedtune.common.run_layout import RunLayout
 from fedtune.common.tasks import evaluate
+from fedtune.server.divergence import DivergenceWatch
 
 
 class RoundListener(Protocol):
@@ -53,7 +54,11 @@ class RunRecorder:
         *,
         num_rounds: int,
         evaluate_every: int = 1,
+        model_card: str | None = None,
+        divergence: DivergenceWatch | None = None,
     ) -> None:
+        self.model_card = model_card  # the adapter's README.md (common/loading.py)
+        self.divergence = divergence  # server/divergence.py: a finding goes into the record
         self.run_dir = Path(run_dir)
         self.num_rounds = num_rounds
         self.evaluate_every = evaluate_every
@@ -83,7 +88,8 @@ class RunRecorder:
 
     @staticmethod
     def aggregate_fit_metrics(replies: list[tuple[int, dict]]) -> dict[str, Scalar]:
-        """Flower's fit_metrics_aggregation_fn: example-weighted training loss of the round."""
+        """Flower's fit_metrics_aggregation_fn: example-weighted training loss of the sites that
+        sent one (train_loss is opt-in at each site, common/disclosure.py)."""
         trained = [(n, m) for n, m in replies if n > 0 and "train_loss" in m]
         total = sum(n for n, _ in trained)
         if not total:
@@ -95,9 +101,14 @@ class RunRecorder:
         started = time.perf_counter()
         self._site_metrics[server_round] = sites
         set_adapter(self.rt.model, adapter)
-        save_adapter(self.rt.model, self.layout.checkpoint(server_round))
-        save_adapter(self.rt.model, self.adapter_dir)
+        save_adapter(self.rt.model, self.layout.checkpoint(server_round), self.model_card)
+        save_adapter(self.rt.model, self.adapter_dir, self.model_card)
         self._checkpoint_seconds[server_round] = time.perf_counter() - started
+
+    def record_sites(self, server_round: int, sites: list[dict]) -> None:
+        """Every site's reply metrics (refusals too), written with the round even when no site
+        trained."""
+        self._site_metrics[server_round] = sites
 
     def record_aggregation(self, server_round: int, info: dict) -> None:
         """Aggregation time and bytes received from the sites (written with the round)."""
@@ -129,8 +140,9 @@ class RunRecorder:
         sites = sorted(
             self._site_metrics.pop(server_round, []), key=lambda m: str(m.get("site_id"))
         )
-        trained = [m for m in sites if m.get("status") == "ok"]
-        n = sum(int(m["records"]) for m in trained)
+        # Sites that trained and chose to send their loss (opt-in, common/disclosure.py)
+        trained = [m for m in sites if m.get("status") == "ok" and "train_loss" in m]
+        n = sum(int(m.get("records", 0)) for m in trained)
         record = {
             "run_id": self.run_id,
             "round": server_round,
@@ -144,7 +156,7 @@ class RunRecorder:
                 if server_round in self._round_started else None
             ),
             "adapter_norm": float(np.sqrt(sum(float(np.sum(a * a)) for a in adapter))),
-            # Where the server's time went (the site's own in sites[].fit_seconds)
+            # Where the server's time went (sites do not send their timings)
             "evaluate_seconds": evaluate_seconds,
             **({"checkpoint_seconds": self._checkpoint_seconds.pop(server_round)}
                if server_round in self._checkpoint_seconds else {}),
@@ -154,6 +166,10 @@ class RunRecorder:
                if server_round in self._aggregation else {}),
             "time": time.time(),
         }
+        finding = (self.divergence.check(server_round, metrics, adapter)
+                   if self.divergence is not None else None)
+        if finding:
+            record["divergence"] = finding
         append_jsonl(self.metrics_path, record)
         self.listener.round_finished(record)
         if metrics is None:

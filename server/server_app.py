@@ -18,9 +18,12 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 
 from fedtune.common.config import RunConfig, secagg_threshold
 from fedtune.common.data import read_records
+from fedtune.common.loading import model_card
 from fedtune.common.lora import adapter_layout
 from fedtune.common.model_cache import get_runtime
+from fedtune.common.run_layout import RunLayout
 from fedtune.common.tasks import encode_records, num_labels, resolve_task
+from fedtune.server.divergence import DivergenceWatch
 from fedtune.server.recorder import RoundListener, RunRecorder
 from fedtune.server.secagg import DropoutTolerantSecAggPlus, secagg_params
 from fedtune.server.state import (
@@ -60,6 +63,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial) -> object:
     if cfg.central_dp.enabled:  # site-level DP: Flower's DP wrapper around the strategy
         strategy = with_central_dp(strategy, cfg, on_release=recorder.record_central_dp)
     strategy.on_round_info = recorder.record_aggregation  # aggregation time, bytes received
+    strategy.on_site_replies = recorder.record_sites  # every site's status, refusals by name
     strategy.update_checks = UpdateChecks(  # server/validation.py, before aggregation
         max_norm=fed.max_update_norm, layout=adapter_layout(recorder.rt.model),
         secagg=bool(fed.secagg), min_updates=fed.min_fit_sites,
@@ -96,7 +100,10 @@ def build_server_app(
         point = prepare_resume(run_dir, run_id, rt.model) if resume else None
         recorder = RunRecorder(run_dir, run_id, rt, eval_data, listener,
                                num_rounds=cfg.federation.rounds,
-                               evaluate_every=cfg.federation.evaluate_every)
+                               evaluate_every=cfg.federation.evaluate_every,
+                               model_card=model_card(cfg), divergence=DivergenceWatch(
+                                   cfg, RunLayout(run_dir).metrics if resume else None,
+                                   log_warning=listener is None))
         strategy = build_strategy(cfg, recorder, point.adapter if point else rt.initial_adapter)
         if point is not None:
             restore_strategy_state(strategy, point.state.strategy)

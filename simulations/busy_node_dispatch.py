@@ -5,7 +5,7 @@ nodes' next message, ten times a second, for the whole run. Each ask scans every
 (`InMemoryLinkState.get_message_ins`), so with 1,000 sites and 10 of them sampled per round the
 engine thread checks 10,000 (node, message) pairs every 0.1 s: 0.40 of a core all through a
 round (benchmarks/bench_dispatch.py; 0.003 with this loop), on a 2-core machine where the two
-training workers need both cores (benchmarks/RESULTS.md, §3).
+training workers need both cores (results/RESULTS.md).
 
 `poll_busy_nodes` is the same loop over only the nodes that have an undelivered message:
 one scan of the store per poll instead of N. Delivery still goes through `get_message_ins`

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from fedtune.common.splits import AUTO_EVAL_CAP, HeldOut
+
 
 class RichRoundListener:
     """Shows one bar over the rounds and what the federation is doing right now."""
@@ -24,6 +26,7 @@ class RichRoundListener:
             console=console,
         )
         self.task = self.progress.add_task("evaluating the initial adapter", total=rounds)
+        self.last_round: int | None = None  # the last round whose record is written
 
     def __enter__(self) -> RichRoundListener:
         self.progress.start()
@@ -37,7 +40,22 @@ class RichRoundListener:
             self.task, description=f"round {server_round}/{self.rounds}: sites training (DP-SGD)"
         )
 
+    def stopped(self, run_dir: Path, signal_name: str) -> None:
+        """Ctrl-C / SIGTERM (simulations/stopping.py): restore the terminal, say what is kept."""
+        self.progress.stop()
+        done = ("no round finished" if self.last_round is None
+                else "before training evaluated" if self.last_round == 0
+                else f"rounds 1-{self.last_round} are finished")
+        self.progress.console.print(
+            f"[yellow]stopped by {signal_name}[/yellow]: {done}; stopping the sites. "
+            f"Kept in {run_dir} (metrics.jsonl, checkpoints/)."
+        )
+
     def round_finished(self, record: dict) -> None:
+        self.last_round = record["round"]
+        warning = divergence_line(record)
+        if warning:
+            self.progress.console.print(warning, highlight=False)
         rnd, ev = record["round"], record.get("eval")  # none between federation.evaluate_every
         shown = ("held-out " + ", ".join(f"{k} {v:.4g}" for k, v in ev.items()) if ev
                  else "not evaluated this round")
@@ -45,15 +63,51 @@ class RichRoundListener:
             self.progress.console.log(f"before training: {shown}")
         else:
             loss = record.get("train_loss")
-            self.progress.console.log(
-                f"round {rnd}: train loss {loss:.4f} | {shown}"
-                if loss is not None else f"round {rnd}: no site trained | {shown}"
-            )
+            trained = any(s.get("status") == "ok" for s in record.get("sites", []))
+            # train_loss is opt-in at each site (common/disclosure.py)
+            told = (f"train loss {loss:.4f}" if loss is not None
+                    else "no train loss sent" if trained else "no site trained")
+            self.progress.console.log(f"round {rnd}: {told} | {shown}")
             self.progress.update(self.task, advance=1,
                                  description=f"round {rnd}/{self.rounds} aggregated")
 
 
-def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabled: bool) -> None:
+def _q_and_steps(site: dict, trained: int, batch_size: int | None,
+                 local_steps: int | None) -> tuple[str, str]:
+    """The Poisson sample rate and the DP-SGD steps a DP site's ε is computed from."""
+    from fedtune.client.trainer import poisson_sample_rate
+
+    if "noise_multiplier" not in site or not batch_size or not local_steps:
+        return "-", "-"
+    q = poisson_sample_rate(int(site["records"]), batch_size)
+    return f"{q:.3g}", str(trained * local_steps)
+
+
+def divergence_line(record: dict) -> str | None:
+    """The console warning for a round whose record carries a new `divergence` finding
+    (server/divergence.py); None otherwise, and on later rounds of the same divergence."""
+    d = record.get("divergence")
+    if not d or not d.get("first"):
+        return None
+    return (f"[bold red]warning: the run is diverging[/bold red] (round {record['round']}): "
+            f"{d['what']}. Likely cause: {d['cause']} Hint: {d['hint']}")
+
+
+def eval_line(held: HeldOut, cap: int | None) -> str:
+    """The header's line on the held-out evaluation: how many records, from where."""
+    n, available = len(held.records), held.available
+    if n == available:
+        return f"held-out evaluation: {n:,} records ({held.source}, all of them)"
+    why = (f"data.max_eval_records = {cap}" if cap is not None
+           else f"at most {AUTO_EVAL_CAP} without data.eval; data.max_eval_records "
+                 "changes it")
+    return (f"held-out evaluation: {n:,} of {available:,} records ({held.source}; {why})")
+
+
+def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabled: bool,
+                  batch_size: int | None = None, local_steps: int | None = None) -> None:
+    """The held-out table, the sites' table (with DP: ε, δ, σ, the sample rate q and the
+    DP-SGD steps, what ε is computed from), and where the results are."""
     if not metrics:
         console.print("[red]no round finished; see the log above[/red]")
         return
@@ -76,7 +130,8 @@ def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabl
         for s in m["sites"]:
             last[s["site_id"]] = s
     sites = Table(title="Sites" + (" — sample-level (ε, δ)-DP per site" if dp_enabled else ""))
-    for col in ("site", "records", "rounds trained", "last status", "ε (this run)", "δ", "σ"):
+    for col in ("site", "records", "rounds trained", "last status", "ε (this run)", "δ", "σ",
+                "q", "steps"):
         sites.add_column(col)
     for sid in sorted(last, key=lambda s: (len(s), s)):
         s = last[sid]
@@ -88,8 +143,12 @@ def print_summary(console: Console, metrics: list[dict], run_dir: Path, dp_enabl
             f"{eps:.3f}" if eps is not None else "no DP",
             f"{s['delta']:.0e}" if "delta" in s else "-",
             f"{s['noise_multiplier']:.3f}" if "noise_multiplier" in s else "-",
+            *_q_and_steps(s, trained, batch_size, local_steps),
         )
     console.print(sites)
+    for sid in sorted(last, key=lambda s: (len(s), s)):  # who refused or declined, and why
+        if last[sid].get("status") not in (None, "ok") and last[sid].get("reason"):
+            console.print(f"{sid}: {last[sid]['status']}: {last[sid]['reason']}", highlight=False)
     central = next((m["central_dp"] for m in reversed(rounds) if m.get("central_dp")), None)
     if central:
         console.print(f"site-level (central DP, {central['side']}-side {central['clipping']} "

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,16 +28,23 @@ import torch
 
 from fedtune.client.budget import BudgetPlan, plan_run
 from fedtune.client.client_app import SiteSpec, build_client_app
+from fedtune.client.site_policy import SIMULATION_POLICY, site_run_config
 from fedtune.common.config import RunConfig, config_to_toml
-from fedtune.common.data import DataError, Record, read_label_set, write_jsonl
-from fedtune.common.input_checks import check_file_records, check_task_records, warn_long_records
+from fedtune.common.data import DataError, Record, read_label_set, read_records, write_jsonl
+from fedtune.common.input_checks import (
+    LengthReport,
+    check_file_records,
+    check_task_records,
+    length_report,
+)
 from fedtune.common.models import ensure_cached
 from fedtune.common.run_layout import RunLayout, claim_run_dir, new_run_name
-from fedtune.common.splits import load_source, split_eval
+from fedtune.common.splits import HeldOut, load_source, split_eval
 from fedtune.common.tasks import resolve_task
 from fedtune.server.recorder import RoundListener
 from fedtune.server.server_app import build_server_app
 from fedtune.simulations import partition
+from fedtune.simulations.stopping import same_priority_workers, stop_on_signal
 
 
 @dataclass
@@ -47,6 +55,7 @@ class PreparedRun:
     eval_path: Path
     sites: list[SiteSpec]
     groups: list[str] | None  # natural split: the column value of each site
+    held: HeldOut  # the server's evaluation records, and how many were available
 
 
 def _partition(cfg: RunConfig, records: list[Record]) -> tuple[list[np.ndarray], list[str] | None]:
@@ -79,11 +88,12 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     if task == "classification" and not cfg.data.labels:
         labels = read_label_set(records, cfg.data.label_column)
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"labels": labels})})
-    check_task_records([*records, *held], cfg, task, cfg.data.labels)
-    warn_long_records(records, cfg, task)
+    check_task_records([*records, *held.records], cfg, task, cfg.data.labels)
     parts, groups = _partition(cfg, train)
     rng = np.random.default_rng(cfg.data.seed + 2)
     sites = []
+    # What the simulated sites opt into sending (common/disclosure.py)
+    opted_in = frozenset({"train_loss"}) if cfg.federation.report_train_loss else frozenset()
     planned: dict[int, BudgetPlan] = {}  # by record count: sites of equal size plan alike
     created = not run_dir.exists()
     try:  # a run refused half-way (a site too small for its delta) leaves no run directory
@@ -99,26 +109,63 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
             site_dir = layout.site_dir(f"site-{k}")
             write_jsonl(site_dir / "data" / "train.jsonl", [train[i].fields for i in idx])
             sites.append(SiteSpec(f"site-{k}", site_dir / "data" / "train.jsonl",
-                                  site_dir / "state"))
+                                  site_dir / "state", disclose=opted_in))
         eval_path = layout.eval_data
-        write_jsonl(eval_path, [r.fields for r in held])
+        write_jsonl(eval_path, [r.fields for r in held.records])
         layout.config.write_text(config_to_toml(cfg))
     except BaseException:
         if created:
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return PreparedRun(cfg, run_id, run_dir, eval_path, sites, groups)
+    return PreparedRun(cfg, run_id, run_dir, eval_path, sites, groups, held)
+
+
+def measure_lengths(prepared: PreparedRun) -> LengthReport:
+    """Token lengths of the records the run uses (the sites' and the evaluated ones) against
+    model.max_length: how many are cut and how many tokens that loses. Loads the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from fedtune.common.models import model_input_limit, resolve_model_path
+
+    cfg = prepared.cfg
+    path = resolve_model_path(cfg.model.name, cfg.model.cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    records = [r for site in prepared.sites for r in read_records(site.data_path)]
+    records += read_records(prepared.eval_path)
+    return length_report(records, tokenizer, cfg, resolve_task(cfg),
+                         model_input_limit(path, tokenizer))
+
+
+def _init_ray(init_args: dict) -> None:
+    """Start Ray as Flower's RayBackend would (it skips its own init when Ray is up), so that
+    the stop handler can be installed after ray.init replaced the SIGTERM handler."""
+    import sys
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    pythonpath = os.pathsep.join(sys.path)  # what Flower passes its workers
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
 
 
 def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
-                 verbose: bool = False) -> list[dict]:
-    """Run the federation with Flower's simulation engine; returns the metrics records."""
+                 verbose: bool = False,
+                 on_stop: Callable[[str], None] | None = None) -> list[dict]:
+    """Run the federation with Flower's simulation engine; returns the metrics records.
+
+    Ctrl-C or SIGTERM ends the run within seconds, Ray's processes included
+    (simulations/stopping.py); `on_stop(signal name)` runs first."""
     from flwr.simulation import run_simulation
 
     from fedtune.simulations import busy_node_dispatch
 
     busy_node_dispatch.install()  # Flower polls all N nodes 10x a second; poll only those with mail
-    cfg = prepared.cfg
+    # Simulated sites have no site.toml: the same merge as a deployed site's, with no limits.
+    cfg = site_run_config(prepared.cfg, SIMULATION_POLICY)
     ensure_cached(cfg.model.name, cfg.model.cache_dir)  # build once, before workers start
     parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
     parallel = min(parallel, cfg.federation.num_sites)
@@ -146,13 +193,16 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
+    same_priority_workers()  # Ray would run the sites at a lower priority than this command
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=cfg.federation.num_sites,
-            backend_config=backend_config,
-        )
+        _init_ray(backend_config["init_args"])
+        with stop_on_signal(on_stop):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.federation.num_sites,
+                backend_config=backend_config,
+            )
     finally:
         flwr_logger.setLevel(old_level)
     return read_metrics(prepared.run_dir)

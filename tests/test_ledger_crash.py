@@ -19,6 +19,7 @@ from fedtune.common.config import config_to_toml, load_config
 from fedtune.common.data import write_jsonl
 from fedtune.common.demo_data import classification_demo
 from fedtune.common.ledger import PrivacyLedger
+from fedtune.common.payload import payload_digest
 from fedtune.common.privacy import epsilon
 
 pytestmark = pytest.mark.slow
@@ -119,7 +120,7 @@ def test_sigkill_mid_round_never_under_counts(site, tmp_path: Path):
         lambda *_: counted.append(1))
     try:
         params = _global_adapter(cfg)
-        _, n, metrics = FedtuneClient(SiteSpec("site-0", data, state), cfg).fit(
+        sent_arrays, n, metrics = FedtuneClient(SiteSpec("site-0", data, state), cfg).fit(
             params, {"run_id": "crash-run", "server_round": 2, "local_steps": 2,
                      "num_rounds": 2})
     finally:
@@ -131,7 +132,9 @@ def test_sigkill_mid_round_never_under_counts(site, tmp_path: Path):
     assert metrics["epsilon"] == pytest.approx(both)
     assert [r.round for r in ledger.rows("crash-run")] == [1, 2]
     (sent,) = ledger.payloads("crash-run")
-    assert sent.round == 2 and sent.sha256 == metrics["payload_sha256"]
+    # The hash stays in the ledger (not sent): it is the hash of the update that was returned.
+    assert "payload_sha256" not in metrics
+    assert sent.round == 2 and sent.sha256 == payload_digest(sent_arrays).sha256
 
 
 def _global_adapter(cfg):

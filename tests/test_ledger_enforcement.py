@@ -163,5 +163,7 @@ def test_declined_site_does_not_read_its_data_again(tmp_path: Path):
     n, metrics = fit("r2", 1)
     assert (n, metrics["status"]) == (0, "budget_exhausted")
     assert "site's total epsilon would reach" in metrics["reason"]
-    assert metrics["epsilon_total"] == pytest.approx(one)
+    # The total over runs stays at the site (common/disclosure.py): in its ledger, not sent.
+    assert "epsilon_total" not in metrics
+    assert ledger.rows()[-1].epsilon_total == pytest.approx(one)
     assert [r.round for r in ledger.rows()] == [1]

@@ -35,9 +35,9 @@ def test_causal_lm_two_sites_one_round(tmp_path: Path):
     assert [r["round"] for r in records] == [0, 1]
     assert "perplexity" in records[0]["eval"] and "perplexity" in records[1]["eval"]
     _check_dp_metrics(records, 2)
-    # Where a round's time went: the site's whole fit, its training, the server's parts
+    # Where a round's time went: the server's parts (sites do not send their timings)
     for site in records[1]["sites"]:
-        assert 0 < site["train_seconds"] <= site["fit_seconds"]
+        assert "train_seconds" not in site and "fit_seconds" not in site
     assert records[1]["checkpoint_seconds"] > 0 and "checkpoint_seconds" not in records[0]
     assert 0 < records[1]["evaluate_seconds"] < records[1]["round_seconds"]
     assert "final adapter" in res.stdout and "ε" in res.stdout

@@ -258,7 +258,9 @@ def _norm(arrays) -> float:
 @pytest.mark.parametrize("dp", [False, True])
 def test_fedprox_pulls_local_training_toward_the_global_adapter(tmp_path, dp):
     cfg = _cls_config(tmp_path, f"dp.enabled={str(dp).lower()}", "dp.delta=1e-3",
-                      "dp.target_epsilon=50", "train.optimizer=sgd", "train.lr=0.5")
+                      "dp.target_epsilon=50", "train.optimizer=sgd", "train.lr=0.5",
+                      # both fits draw the same batches and noise: only the pull differs
+                      "dp.reproducible_seed=true")
     rt = get_runtime(cfg, "classification", len(cfg.data.labels))
     g = get_adapter(rt.model)
     free, n, _ = _fit(cfg, _site(tmp_path / "a"), g)

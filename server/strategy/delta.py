@@ -35,6 +35,8 @@ from flwr.server.strategy import FedAvg as FlowerFedAvg
 
 from fedtune.common.codec import METRIC_KEY, CodecError, decode
 from fedtune.common.config import RunConfig
+from fedtune.common.payload import received_sha256
+from fedtune.common.protocol import parse_site_refusal
 from fedtune.server.aggregation import streaming_mean
 from fedtune.server.validation import (
     Rejection,
@@ -47,8 +49,24 @@ from fedtune.server.validation import (
 
 # Called after each round with (round, new global adapter, per-site fit metrics).
 AfterAggregate = Callable[[int, NDArrays, list[dict[str, Scalar]]], None]
-# Called after each aggregation with (round, {"seconds", "sites", "upload_bytes", "streaming"}).
+# Called after each aggregation with (round, {"seconds", "sites", "upload_bytes", "streaming",
+# "received_sha256": {site: SHA-256 of its reply as received} without SecAgg+}).
 OnRoundInfo = Callable[[int, dict], None]
+# Called every round with (round, per-site metrics: replies and refusals), aggregated or not.
+OnSiteReplies = Callable[[int, list[dict[str, Scalar]]], None]
+
+
+def refusals(failures: list) -> list[dict[str, Scalar]]:
+    """Sites that refused by failing a message (a SecAgg+ setup below their policy), by name."""
+    out: list[dict[str, Scalar]] = []
+    for f in failures:
+        if not isinstance(f, BaseException):
+            continue
+        err = f.args[0] if f.args else f
+        found = parse_site_refusal(str(getattr(err, "reason", None) or err))
+        if found is not None:
+            out.append({"site_id": found[0], "status": "refused", "reason": found[1]})
+    return out
 
 
 class DeltaAggregation:
@@ -58,6 +76,7 @@ class DeltaAggregation:
     # then only the Flower half of the strategy aggregates.
     replies_are_deltas: bool = True
     on_round_info: OnRoundInfo | None = None  # set by server/server_app.py (the run recorder)
+    on_site_replies: OnSiteReplies | None = None  # likewise
     # What server/validation.py checks in each reply (set by server/server_app.py; shapes are filled
     # in from the global adapter). None: structure and finite values only.
     update_checks: UpdateChecks | None = None
@@ -109,7 +128,14 @@ class DeltaAggregation:
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if not self.replies_are_deltas:
             return super().aggregate_fit(server_round, results, failures)
-        site_metrics = [dict(res.metrics) for _, res in results]
+        site_metrics = [dict(res.metrics) for _, res in results] + refusals(failures)
+        if self.on_site_replies is not None:  # also when no site trained: refusals by name
+            self.on_site_replies(server_round, site_metrics)
+        # The server hashes each reply itself (to match the site's ledger); a site does not send
+        # its hash. Under SecAgg+ a single reply is masked: nothing per site to hash.
+        self._received = {} if (self.update_checks or UpdateChecks()).secagg else {
+            site_of(res.metrics): received_sha256(res.parameters.tensors) for _, res in results
+        }
         # A site that declined (privacy budget exhausted) replies with zero examples.
         results = [(c, r) for c, r in results if r.num_examples > 0]
         if not results or self.global_adapter is None:
@@ -155,6 +181,8 @@ class DeltaAggregation:
             self.on_round_info(server_round, {
                 "seconds": time.perf_counter() - started, "sites": len(results),
                 "upload_bytes": upload, "streaming": streaming,
+                **({"received_sha256": self._received} if getattr(self, "_received", None)
+                   else {}),
                 **({"rejected": [r.as_dict() for r in self._rejected]} if self._rejected else {}),
             })
 
