@@ -123,6 +123,16 @@ class SiteDaemon(_Section):
     stop_timeout_s: float = Field(30.0, gt=0)
 
 
+class SiteDisclosure(_Section):
+    """Opt-in values this site agrees to send besides the required ones (common/disclosure.py)."""
+
+    # The mean training loss of each round: not covered by the DP guarantee.
+    train_loss: bool = False
+
+    def keys(self) -> frozenset[str]:
+        return frozenset(k for k, on in self.model_dump().items() if on)
+
+
 class SiteConfig(_Section):
     site_id: str = Field(..., pattern=SITE_ID_PATTERN)
     # The site's private training data (.jsonl or .csv). Never leaves the site.
@@ -133,6 +143,7 @@ class SiteConfig(_Section):
     auth: SiteAuth | None = None
     privacy: SitePrivacy = SitePrivacy()
     daemon: SiteDaemon = SiteDaemon()
+    disclosure: SiteDisclosure = SiteDisclosure()
     # Torch threads for local training; 0: all cores of this machine.
     threads: int = Field(0, ge=0)
     # Keep a local copy of every update this site sends (state_dir/sent/, for audit).

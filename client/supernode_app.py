@@ -229,7 +229,7 @@ def _handle(msg: Message, context: Context) -> Message:
 
     from fedtune.client.client_app import SiteSpec, build_client_app  # torch, transformers, Opacus
 
-    spec = SiteSpec(site.site_id, site.data, site.state_dir)
+    spec = SiteSpec(site.site_id, site.data, site.state_dir, disclose=site.disclosure.keys())
     run_name = str(context.run_config.get(RUN_NAME_KEY, context.run_id))
     built = build_client_app(cfg, lambda _ctx: spec, secagg=secagg,
                              extra_mods=[local_update_mod(site, run_name, cfg)])

@@ -300,3 +300,20 @@ def test_check_prints_the_effective_policy(tmp_path: Path):
     assert "δ: at most 1e-06 (privacy.max_delta)" in lines
     assert "SecAgg+: required" in lines and "rounds: no limit" in lines
     assert f"model allowed: {model} sha256 {digest} (matches)" in lines
+
+
+def test_site_opts_in_to_sending_its_train_loss(tmp_path: Path):
+    from fedtune.common.config import ConfigError
+    from fedtune.common.disclosure import disclose
+
+    site = _site(tmp_path, "")
+    toml = site / "site.toml"
+    metrics = {"site_id": "hospital-a", "status": "ok", "train_loss": 1.5}
+    default = load_site_config(toml, check_files=False)
+    assert "train_loss" not in disclose(metrics, default.disclosure.keys())
+    toml.write_text(toml.read_text() + "[disclosure]\ntrain_loss = true\n")
+    opted = load_site_config(toml, check_files=False)
+    assert disclose(metrics, opted.disclosure.keys())["train_loss"] == 1.5
+    toml.write_text(toml.read_text() + "examples_seen = true\n")
+    with pytest.raises(ConfigError, match="disclosure.examples_seen"):
+        load_site_config(toml, check_files=False)
