@@ -83,6 +83,16 @@ def server(
         status = serve(coord, keys, prepared, say=console.print, warn=err_console.print)
     except CoordinatorError as e:
         _fail(str(e), 1)
+    from fedtune.server.outcome import read_rounds, training_failure
+
+    if status.startswith("finished:completed"):
+        # Every round finished, but did any site train? (None: all refused, declined or failed.)
+        failure = training_failure(read_rounds(prepared.run_dir), c.federation.min_fit_sites,
+                                   sorted(keys))
+        if failure:
+            console.print(f"run status: {status}")
+            _fail(f"{failure}\nsee {prepared.run_dir / 'metrics.jsonl'}, "
+                  f"{prepared.run_dir / 'server.log'} and {opts.log_path}", 1)
     adapter = RunLayout(prepared.run_dir).adapter
     complete = (adapter / "adapter_config.json").exists()
     if not status.startswith("finished:completed") or not complete:

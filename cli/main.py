@@ -95,6 +95,8 @@ def simulate(
         f"local steps | DP {'on' if cfg.dp.enabled else 'off'}"
         + (f" (target ε={cfg.dp.target_epsilon}, δ={cfg.dp.delta:g})"
            if cfg.dp.enabled and cfg.dp.noise_multiplier is None else "")
+        + (f", per person (column {cfg.data.privacy_unit})" if cfg.data.person_level
+           else ", per record" if cfg.dp.enabled else "")
         + f" | secure aggregation {'on' if cfg.federation.secagg else 'off'}"
     )
     console.print(eval_line(prepared.held, cfg.data.max_eval_records))
@@ -112,6 +114,13 @@ def simulate(
                                    on_stop=partial(bar.stopped, prepared.run_dir))
     except user_errors as e:
         _fail(str(e))
+    from fedtune.server.outcome import training_failure
+
+    # A run in which no site trained (or fewer than min_fit_sites in every round) failed.
+    failure = training_failure(metrics, cfg.federation.min_fit_sites,
+                               [s.site_id for s in prepared.sites])
+    if failure:
+        _fail(f"{failure}\nsee {prepared.run_dir / 'metrics.jsonl'}", 1)
     print_summary(console, metrics, prepared.run_dir, cfg.dp.enabled,
                   batch_size=cfg.train.batch_size, local_steps=cfg.train.local_steps)
     finished = [m["round"] for m in metrics]
@@ -143,7 +152,9 @@ def report(
             continue
         console.print(
             f"{site['site_id']}: {site['records']} records, ε = {site['epsilon_total'][acc]:.4g} "
-            f"(all runs, {acc.upper()}) at δ = {site['delta']:g}"
+            f"(all runs, {acc.upper()}) at δ = {site['delta']:g}, "
+            + ("per record" if site["privacy_unit"] == "record"
+               else f"per person (column {site['privacy_unit']}, {site['persons']} persons)")
         )
     if data["central_dp"]:
         c = data["central_dp"]

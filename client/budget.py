@@ -30,6 +30,36 @@ TARGET_SLACK = 1.001
 
 
 @dataclass(frozen=True)
+class UnitCounts:
+    """The privacy unit of a site's run and its persons, counted at the site before planning.
+
+    `privacy_unit`: "record" or the person column; `person_column`: the column naming persons
+    (the privacy unit, or data.person_column at record level), None if unknown; `persons` and
+    `max_person_records` (the largest person's records) when it is known."""
+
+    privacy_unit: str = "record"
+    person_column: str | None = None
+    persons: int | None = None
+    max_person_records: int | None = None
+
+    @property
+    def person_level(self) -> bool:
+        return self.privacy_unit != "record"
+
+
+def unit_counts(privacy_unit: str, person_column: str | None,
+                persons: Sequence[str] | None) -> UnitCounts:
+    """Count the persons (and the largest person's records) of a site from each record's
+    person id (`persons`; None when the data names no person)."""
+    if persons is None:
+        return UnitCounts(privacy_unit, None)
+    sizes: dict[str, int] = {}
+    for p in persons:
+        sizes[p] = sizes.get(p, 0) + 1
+    return UnitCounts(privacy_unit, person_column, len(sizes), max(sizes.values(), default=0))
+
+
+@dataclass(frozen=True)
 class RoundDecision:
     ok: bool
     epsilon_run: float  # after the next round, if trained
@@ -46,10 +76,21 @@ def plan_run(
     local_steps: int,
     prior: Sequence[Mechanism] = (),
     where: str = "",
+    units: UnitCounts | None = None,
 ) -> BudgetPlan:
-    """Plan a run at a site, or raise PrivacyBudgetError (with what to change) if it cannot fit."""
-    check_delta(dp.delta, records, where=where)
-    q = poisson_sample_rate(records, batch_size)
+    """Plan a run at a site, or raise PrivacyBudgetError (with what to change) if it cannot fit.
+
+    `units`: the site's persons (None: none known). At person level (`units.privacy_unit` a
+    column) q is over persons (1 / ceil(persons / batch)) and δ must be below 1/persons."""
+    units = units or UnitCounts()
+    if units.person_level:
+        if units.persons is None:
+            raise ValueError("a person-level plan needs the number of persons")
+        check_delta(dp.delta, units.persons, where=where, unit="persons")
+        q = poisson_sample_rate(units.persons, batch_size)
+    else:
+        check_delta(dp.delta, records, where=where)
+        q = poisson_sample_rate(records, batch_size)
     total_steps = rounds * local_steps
     calibrated = dp.noise_multiplier is None
     if calibrated:
@@ -86,7 +127,9 @@ def plan_run(
         records=records, delta=dp.delta, max_grad_norm=dp.max_grad_norm,
         accountant=dp.accountant, target_epsilon=dp.target_epsilon, max_epsilon=dp.max_epsilon,
         calibrated=calibrated, planned_epsilon=planned, prior_epsilon=prior_eps,
-        projected_total=total,
+        projected_total=total, privacy_unit=units.privacy_unit,
+        person_column=units.person_column, persons=units.persons,
+        max_person_records=units.max_person_records,
     )
 
 

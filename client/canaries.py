@@ -8,6 +8,10 @@ each DP step with the site's Poisson sample rate q, exactly like a real record, 
 goes through the same clipping into the same noised sum (client/trainer.py). Its score is
 minus its coordinate in the site's deltas summed over rounds (the canary pushes the parameter
 down): high scores are guessed "in", low ones "out" (common/audit_bound.py).
+
+`trace=True` also records the canary coordinates at every step, so that an attack can score the
+per-step deltas (what a coordinator sees with one local step per round): the attack that knows
+the sample (simulations/audit.py, `audit_known_sample`).
 """
 
 from __future__ import annotations
@@ -69,11 +73,18 @@ def canary_coordinates(named: list[tuple[str, torch.nn.Parameter]], m: int, seed
     return [(pool[w][0], int(f - starts[w])) for w, f in zip(which, flat, strict=True)]
 
 
+def would_join(rng: np.random.Generator, m: int, sample_rate: float) -> np.ndarray:
+    """Which of m canaries one step's Poisson sample takes, if included: one draw of `rng`
+    (whoever can replay `rng` knows it)."""
+    return rng.random(m) < sample_rate
+
+
 class GradientCanaries:
     """The auditor site's canaries for one round of training (see module doc)."""
 
     def __init__(self, spec: CanarySpec, model: torch.nn.Module,
-                 observations: Path | None = None, rng: np.random.Generator | None = None):
+                 observations: Path | None = None, rng: np.random.Generator | None = None,
+                 trace: bool = False):
         self.spec = spec
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.coordinates = canary_coordinates(named, spec.m, spec.coordinate_seed)
@@ -82,6 +93,8 @@ class GradientCanaries:
         # Which canaries join each step: fresh OS entropy, like the real Poisson sample.
         self.rng = rng or np.random.default_rng()
         self.participations = 0
+        # trace: the canary coordinates at the start of each step (before its update).
+        self.trace: list[np.ndarray] | None = [] if trace else None
 
     @classmethod
     def open(cls, spec_path: Path, model: torch.nn.Module) -> GradientCanaries:
@@ -91,7 +104,9 @@ class GradientCanaries:
                     max_grad_norm: float) -> Iterator[list[torch.Tensor]]:
         """Per-example gradient rows (one tensor per trainable parameter) of the canaries that
         the Poisson sample takes into this step, a bounded number of rows per pass."""
-        joins = self.included & (self.rng.random(self.spec.m) < sample_rate)
+        if self.trace is not None:
+            self.trace.append(self.current(params))
+        joins = self.included & would_join(self.rng, self.spec.m, sample_rate)
         chosen = np.flatnonzero(joins)
         self.participations += len(chosen)
         value = self.spec.norm_factor * max_grad_norm
@@ -108,6 +123,24 @@ class GradientCanaries:
     def values(self, delta: list[np.ndarray]) -> list[float]:
         """Each canary's coordinate in `delta` (arrays in trainable-parameter order)."""
         return [float(np.asarray(delta[t]).reshape(-1)[f]) for t, f in self.coordinates]
+
+    def current(self, params: list[torch.Tensor]) -> np.ndarray:
+        """Each canary's coordinate in `params` now (tensors in trainable-parameter order)."""
+        out = np.empty(self.spec.m, dtype=np.float64)
+        tensors = np.array([t for t, _ in self.coordinates])
+        flats = np.array([f for _, f in self.coordinates])
+        for t in np.unique(tensors):
+            at = tensors == t
+            idx = torch.as_tensor(flats[at], device=params[t].device)
+            out[at] = params[t].detach().reshape(-1)[idx].double().cpu().numpy()
+        return out
+
+    def step_deltas(self, params: list[torch.Tensor]) -> np.ndarray:
+        """(steps, m): each traced step's change of every canary coordinate, the last step's
+        up to `params` (the trained parameters)."""
+        if self.trace is None:
+            raise ValueError("step deltas need GradientCanaries(..., trace=True)")
+        return np.diff(np.stack([*self.trace, self.current(params)]), axis=0)
 
     def observe(self, server_round: int, delta: list[np.ndarray]) -> None:
         """Append this round's canary coordinates of the site's delta to the observations."""

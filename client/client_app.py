@@ -7,6 +7,7 @@ Wired the way SecAgg+ needs it in Flower 1.39: a legacy `NumPyClient` behind
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import Mod
 from flwr.common import Context
 
+from fedtune.client.budget import UnitCounts, unit_counts
 from fedtune.client.canaries import GradientCanaries
 from fedtune.client.central_clip import clip_delta_if_asked
 from fedtune.client.privacy_gate import (
@@ -33,7 +35,7 @@ from fedtune.client.randomness import round_seed
 from fedtune.client.trainer import train_local
 from fedtune.common.codec import METRIC_KEY, encode
 from fedtune.common.config import RunConfig
-from fedtune.common.data import EncodedDataset, read_records
+from fedtune.common.data import EncodedDataset, Record, person_ids, read_records
 from fedtune.common.disclosure import disclose
 from fedtune.common.input_checks import check_task_records, warn_long_records
 from fedtune.common.ledger import PrivacyLedger
@@ -47,6 +49,8 @@ from fedtune.common.lora import (
 from fedtune.common.model_cache import ModelRuntime, get_runtime
 from fedtune.common.payload import payload_digest
 from fedtune.common.tasks import encode_records, num_labels, resolve_task
+
+log = logging.getLogger("fedtune.site")
 
 __all__ = ["STATUS_BUDGET_EXHAUSTED", "STATUS_OK", "STATUS_REFUSED", "FedtuneClient", "SiteSpec",
            "build_client_app", "load_site_dataset"]
@@ -68,14 +72,14 @@ class SiteSpec:
 
 # Tokenized site datasets, least recently used last. Bounded: a simulation worker serves many
 # sites (1,000 in a large run), and memory must not grow with their number.
-_DATA_CACHE: OrderedDict[tuple[str, float], EncodedDataset] = OrderedDict()
+_DATA_CACHE: OrderedDict[tuple[str, float, str | None], EncodedDataset] = OrderedDict()
 DATA_CACHE_SIZE = 4
 
 
 def load_site_dataset(spec: SiteSpec, cfg: RunConfig, rt: ModelRuntime) -> EncodedDataset:
     """Read and tokenize this site's own file (an LRU cache of the last few sites per process;
     keyed by path + mtime)."""
-    key = (str(spec.data_path), spec.data_path.stat().st_mtime)
+    key = (str(spec.data_path), spec.data_path.stat().st_mtime, cfg.data.person_key)
     if key in _DATA_CACHE:
         _DATA_CACHE.move_to_end(key)
         return _DATA_CACHE[key]
@@ -84,10 +88,30 @@ def load_site_dataset(spec: SiteSpec, cfg: RunConfig, rt: ModelRuntime) -> Encod
     check_task_records(records, cfg, rt.task, cfg.data.labels)
     warn_long_records(records, cfg, rt.task)
     data = encode_records(records, rt.tokenizer, cfg, rt.task, cfg.data.labels)
+    data.persons = _persons(records, cfg)
     _DATA_CACHE[key] = data
     while len(_DATA_CACHE) > DATA_CACHE_SIZE:
         _DATA_CACHE.popitem(last=False)
     return data
+
+
+def _persons(records: list[Record], cfg: RunConfig) -> list[str] | None:
+    """Each record's person: required at person level (DataError file:line:key when missing);
+    at record level read from data.person_column only if every record has it (for the
+    report's group-privacy bound), else None."""
+    column = cfg.data.person_key
+    if column is None:
+        return None
+    if not cfg.data.person_level and any(column not in r.fields for r in records):
+        log.warning("data.person_column = %r is not in every record of %s: the report states "
+                    "no group-privacy bound for this site", column, records[0].source)
+        return None
+    return person_ids(records, column)
+
+
+def site_units(cfg: RunConfig, data: EncodedDataset) -> UnitCounts:
+    """The run's privacy unit and the site's persons, as its budget plan records them."""
+    return unit_counts(cfg.data.privacy_unit, cfg.data.person_key, data.persons)
 
 
 class FedtuneClient(NumPyClient):
@@ -112,13 +136,18 @@ class FedtuneClient(NumPyClient):
         if cfg.dp.enabled:
             # Checked before the data is used; the spend is committed (fsync) before training.
             gate = admit_round(ledger, cfg, run_id=run_id, server_round=rnd, steps=steps,
-                               rounds=total_rounds, count_records=lambda: len(dataset()))
+                               rounds=total_rounds, count_records=lambda: len(dataset()),
+                               count_units=lambda: site_units(cfg, dataset()))
             metrics.update(gate.metrics)
             if not gate.admitted:  # a zero-example reply carries no update
                 zeros = [np.zeros_like(p) for p in parameters]
                 _record_payload(ledger, run_id, rnd, metrics, zeros)
                 return zeros, 0, disclose(metrics, spec.disclose)
             sigma, q = gate.noise_multiplier, gate.sample_rate
+            unit = gate.privacy_unit
+            if unit != cfg.data.privacy_unit:  # the plan of the run's first round rules
+                raise RuntimeError(f"privacy unit mismatch: this run was planned per {unit!r} "
+                                   f"at this site, the config now says {cfg.data.privacy_unit!r}")
 
         rt = get_runtime(cfg, task, num_labels(cfg, task))
         data = dataset()
@@ -132,6 +161,8 @@ class FedtuneClient(NumPyClient):
             seed=round_seed(cfg.dp, cfg.seed, spec.site_id, rnd),
             proximal_mu=float(config.get("proximal_mu", 0.0)),  # sent by FedProx only
             canaries=canaries,
+            person_level=cfg.data.person_level,
+            max_records_per_person=cfg.data.max_records_per_person,
         )
         if cfg.dp.enabled and not math.isclose(result.sample_rate, q):
             raise RuntimeError(f"sample rate mismatch: accounted {q}, trained {result.sample_rate}")
@@ -152,7 +183,9 @@ class FedtuneClient(NumPyClient):
             delta = encode(delta, encoding)
             metrics[METRIC_KEY] = encoding
         _record_payload(ledger, run_id, rnd, metrics, delta)
-        # Site-level DP weighs sites equally, also inside SecAgg+'s weighted sum.
+        # Site-level DP weighs sites equally, also inside SecAgg+'s weighted sum. Otherwise the
+        # FedAvg weight is the site's record count, whatever the privacy unit (person-level runs
+        # too: the weight is the amount of data, and records are what `num_examples` discloses).
         return delta, 1 if clipped else len(data), disclose(metrics, spec.disclose)
 
 

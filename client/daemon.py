@@ -98,6 +98,7 @@ class SiteDaemon:
         self.lost = threading.Event()
         # When the SuperNode started retrying the link (None: connected, or not retrying).
         self.retrying_since: float | None = None
+        self.restarts = 0  # SuperNodes started after the first one
 
     @property
     def flwr_home(self) -> Path:
@@ -155,14 +156,29 @@ class SiteDaemon:
                 self.lost.set()  # the SuperNode gave up on the link; _wait_child restarts it
             elif event == "refused":
                 self.refused.set()
-                self.log("refused", "error", msg=line,
-                         hint="the coordinator refused to activate this SuperNode: either "
-                              "this site's public key is not registered there (send site.pub; "
-                              "`fedtune certs register`), or, right after a coordinator "
-                              "restart, it still lists this site as online (clears within "
-                              "about a minute; the daemon keeps retrying)")
+                self.log("refused", "error", msg=line, hint=self.refusal_hint())
                 continue
             self.log(event, level, msg=line)
+
+    def refusal_hint(self) -> str:
+        """What a refused activation means, in words. The coordinator answers the same
+        "Failed to activate SuperNode" whether the key is unknown or not registered yet, so
+        the site cannot tell which: say both, and whether the daemon retries."""
+        c = self.cfg
+        retries = self.max_restarts is None or self.restarts < self.max_restarts
+        then = (f"the daemon retries (backoff {c.daemon.initial_backoff_s:g} s doubling up "
+                f"to {c.daemon.max_backoff_s:g} s), so a key registered later is picked up "
+                "without a restart" if retries
+                else "the daemon does not retry (--max-restarts reached) and exits")
+        return ("the coordinator refused this site: the public key of this site "
+                f"({c.auth.private_key if c.auth else 'auth.private_key'}) is not registered "
+                f"at the coordinator {c.coordinator.address}. Either not yet (the coordinator "
+                "is still starting, or its operator has not registered the key yet), or not "
+                "at all (the coordinator does not know this key: send this site's site.pub to "
+                "its operator, who runs `fedtune certs register "
+                f"{c.site_id} --public-key site.pub` and restarts `fedtune server`). Right "
+                "after a coordinator restart it can also still list this site as online "
+                f"(clears within about a minute). {then[0].upper()}{then[1:]}.")
 
     def _handle_signal(self, signum, _frame) -> None:
         self.log("stopping", signal=signal.Signals(signum).name)
@@ -233,7 +249,7 @@ class SiteDaemon:
                      msg="start-up checks failed; nothing was started: " + "; ".join(problems))
             return EXIT_INVALID_INPUT
         failures = 0
-        restarts = 0
+        self.restarts = 0
         while not self.stopping.is_set():
             self.connected.clear()
             self.refused.clear()
@@ -255,9 +271,9 @@ class SiteDaemon:
             if self.connected.is_set() and time.monotonic() - started > 10:
                 failures = 0  # it was up: the next outage starts the backoff afresh
             failures += 1
-            restarts += 1
-            if self.max_restarts is not None and restarts > self.max_restarts:
-                self.log("giving_up", "error", exit_code=rc, restarts=restarts - 1)
+            self.restarts += 1
+            if self.max_restarts is not None and self.restarts > self.max_restarts:
+                self.log("giving_up", "error", exit_code=rc, restarts=self.restarts - 1)
                 return EXIT_REFUSED if self.refused.is_set() else 1
             delay = min(c.daemon.max_backoff_s, c.daemon.initial_backoff_s * 2 ** (failures - 1))
             self.log("reconnecting", "warning", exit_code=rc, in_s=round(delay, 2),

@@ -8,7 +8,8 @@ privacy ledger is only opened if it exists (an integrity check that writes nothi
 - data: every line parses, at least one record, no missing column, text fields non-empty,
   no absurdly large record (common/input_checks.py); the run-specific checks (the run's
   columns, its label set) happen when the run arrives, before the ledger spends anything.
-- privacy.delta: below 1 / records (the site's own delta, when site.toml sets one).
+- privacy.delta: below 1 / records (the site's own delta, when site.toml sets one); below
+  1 / persons when privacy.privacy_unit names a person column (which every record must have).
 - state_dir: a directory, writable (a real write + fsync, which also catches a read-only file
   system), with at least `MIN_FREE_BYTES` free: the ledger must be able to commit every round.
 - the privacy ledger, if present: a readable SQLite file that passes `PRAGMA quick_check`.
@@ -25,7 +26,7 @@ import tempfile
 from pathlib import Path
 
 from fedtune.client.site_config import SiteConfig
-from fedtune.common.data import DataError, read_records
+from fedtune.common.data import DataError, person_ids, read_records
 from fedtune.common.input_checks import check_file_records
 from fedtune.common.privacy import PrivacyBudgetError, check_delta
 
@@ -42,9 +43,16 @@ def check_data(cfg: SiteConfig) -> tuple[list[str], int]:
         msg = str(e)
         return [f"data: {msg if str(cfg.data) in msg else f'{cfg.data}: {msg}'}"], 0
     problems = []
+    unit = cfg.privacy.privacy_unit
+    count, noun = len(records), "records"
+    if unit not in (None, "record"):  # the site's policy requires a person column
+        try:
+            count, noun = len(set(person_ids(records, unit))), "persons"
+        except DataError as e:
+            return [f"privacy.privacy_unit: {e}"], len(records)
     if cfg.privacy.delta is not None:
         try:
-            check_delta(cfg.privacy.delta, len(records), where=f"{cfg.data}: ")
+            check_delta(cfg.privacy.delta, count, where=f"{cfg.data}: ", unit=noun)
         except PrivacyBudgetError as e:
             problems.append(f"privacy.delta: {str(e).replace('dp.delta', 'privacy.delta')}")
     return problems, len(records)
@@ -129,6 +137,10 @@ def policy_summary(cfg: SiteConfig) -> list[str]:
         lines.append(f"clipping bound: {p.max_grad_norm:g} (privacy.max_grad_norm)")
     if p.accountant is not None:
         lines.append(f"accountant: {p.accountant} (privacy.accountant)")
+    lines.append("privacy unit: " + (
+        f"per person, column {p.privacy_unit} (privacy.privacy_unit); a run asking another "
+        "column is refused" if p.privacy_unit not in (None, "record")
+        else "as the run asks (data.privacy_unit)"))
     lines.append("SecAgg+: " + ("required (privacy.require_secagg)" if p.require_secagg
                                 else "as the run asks"))
     if p.min_secagg_threshold_fraction is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from fedtune.client.budget import BudgetPlan, next_round, plan_run
+from fedtune.client.budget import BudgetPlan, UnitCounts, next_round, plan_run
 from fedtune.common.config import RunConfig
 from fedtune.common.ledger import PrivacyLedger
 from fedtune.common.privacy import PrivacyBudgetError, epsilon
@@ -29,6 +29,7 @@ class Admission:
     noise_multiplier: float = 0.0
     sample_rate: float = 0.0
     metrics: dict = field(default_factory=dict)  # what the site tells the server about privacy
+    privacy_unit: str = "record"  # of the run's plan at this site
 
 
 def admit_round(
@@ -40,10 +41,12 @@ def admit_round(
     steps: int,
     rounds: int,
     count_records: Callable[[], int],
+    count_units: Callable[[], UnitCounts] | None = None,
 ) -> Admission:
     """Check the ledger and, if the round may train, record its spend (fsync) and admit it.
 
-    `count_records` is called only for the first round of a run (to plan it).
+    `count_records` (and `count_units`: the privacy unit and the site's persons; None: record
+    level, no person known) are called only for the first round of a run (to plan it).
     """
     dp = cfg.dp
     plan = ledger.plan(run_id)
@@ -57,6 +60,7 @@ def admit_round(
             plan = plan_run(
                 dp, records=records, batch_size=cfg.train.batch_size, rounds=rounds,
                 local_steps=steps, prior=ledger.history(), where=f"site {ledger.site_id}: ",
+                units=count_units() if count_units is not None else None,
             )
         except PrivacyBudgetError as e:
             return _decline(ledger, None, run_id, server_round, f"refused: {e}", STATUS_REFUSED,
@@ -71,10 +75,11 @@ def admit_round(
         sample_rate=plan.sample_rate, steps=steps, max_grad_norm=plan.max_grad_norm,
         delta=plan.delta, records=plan.records, accountant=plan.accountant,
         secret_randomness=not dp.reproducible_seed,  # as client/randomness.py::round_seed
+        privacy_unit=plan.privacy_unit, persons=plan.persons if plan.person_level else None,
     )
     return Admission(
-        True, plan.noise_multiplier, plan.sample_rate,
-        {
+        True, plan.noise_multiplier, plan.sample_rate, privacy_unit=plan.privacy_unit,
+        metrics={
             "records": plan.records,
             "epsilon": row.epsilon_run,
             "epsilon_round": epsilon([row.mechanism], plan.delta, plan.accountant),

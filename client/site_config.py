@@ -89,7 +89,7 @@ class SitePrivacy(_Section):
     Refused: a run whose ε, once tightened, exceeds max_epsilon (all runs together) or what
     earlier runs left of it; a δ above max_delta; DP off (unless allow_no_dp); SecAgg+ off with
     require_secagg, or below min_secagg_threshold_fraction; a model not in allowed_models;
-    more than max_rounds rounds.
+    more than max_rounds rounds. privacy_unit = <column> makes every run person-level here.
     """
 
     target_epsilon: float | None = Field(None, gt=0)
@@ -106,6 +106,10 @@ class SitePrivacy(_Section):
     min_secagg_threshold_fraction: float | None = Field(None, gt=0, le=1)
     allowed_models: list[AllowedModel] | None = None
     max_rounds: int | None = Field(None, gt=0)
+    # The unit of privacy this site requires: a person column (e.g. "patient_id"): every run
+    # trains per person at this site (data.privacy_unit), even one that asks "record"; a run
+    # that asks another column is refused. None or "record": as the run says.
+    privacy_unit: str | None = None
 
 
 class SiteDaemon(_Section):

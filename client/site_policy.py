@@ -32,7 +32,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import Key
 
 from fedtune.client.site_config import SitePrivacy
 from fedtune.common.atomic import atomic_write
-from fedtune.common.config import DPConfig, RunConfig
+from fedtune.common.config import DataConfig, DPConfig, RunConfig
 
 if TYPE_CHECKING:  # the ledger imports torch (Opacus): not needed by SecAgg+'s crypto stages
     from fedtune.common.ledger import PrivacyLedger
@@ -74,9 +74,22 @@ def effective_dp(dp: DPConfig, policy: SitePrivacy) -> DPConfig:
     })
 
 
+def effective_data(data: DataConfig, policy: SitePrivacy) -> DataConfig:
+    """The run's data settings with the privacy unit the site requires (`privacy.privacy_unit`
+    a column: person-level at this site whatever the run asks; `violations` refuses a run that
+    asks another column)."""
+    unit = policy.privacy_unit
+    if unit in (None, "record") or data.privacy_unit == unit:
+        return data
+    return DataConfig.model_validate({**data.model_dump(), "privacy_unit": unit,
+                                      "person_column": None})
+
+
 def site_run_config(cfg: RunConfig, policy: SitePrivacy) -> RunConfig:
-    """`cfg` with its DP settings merged with the site's policy (`effective_dp`)."""
-    return cfg.model_copy(update={"dp": effective_dp(cfg.dp, policy)})
+    """`cfg` with its DP settings merged with the site's policy (`effective_dp`) and the
+    privacy unit it requires (`effective_data`)."""
+    return cfg.model_copy(update={"dp": effective_dp(cfg.dp, policy),
+                                  "data": effective_data(cfg.data, policy)})
 
 
 def violations(
@@ -124,6 +137,10 @@ def violations(
         elif server_round is not None and server_round > policy.max_rounds:
             out.append(f"{PREFIX}privacy.max_rounds = {policy.max_rounds}, the coordinator "
                        f"sends round {server_round}")
+    unit = policy.privacy_unit
+    if unit not in (None, "record") and cfg.data.person_level and cfg.data.privacy_unit != unit:
+        out.append(f"{PREFIX}privacy.privacy_unit = {unit!r}, the run asks data.privacy_unit = "
+                   f"{cfg.data.privacy_unit!r}")
     if policy.allowed_models is not None:
         out += _model_violations(policy, cfg.model.name, model_digest)
     return out

@@ -73,11 +73,15 @@ def run_config_of(context: Context) -> RunConfig:
 
 def run_config_for_site(context: Context, site: SiteConfig) -> RunConfig:
     """The coordinator's run settings tightened by this site's policy and own settings."""
+    from fedtune.client.site_policy import effective_data
+
     cfg = run_config_of(context)
     return cfg.model_copy(update={
         # Secret sampling and noise at a deployed site, whatever the run asks: a reproducible
         # seed would let the coordinator recompute every batch and the noise.
         "dp": site.run_dp(cfg.dp).model_copy(update={"reproducible_seed": False}),
+        # The privacy unit the site's policy requires (privacy.privacy_unit), if any.
+        "data": effective_data(cfg.data, site.privacy),
         "train": cfg.train.model_copy(update={"threads": site.threads}),
         # The site is alone on its machine; the model cache is the site's own.
         "federation": cfg.federation.model_copy(update={"parallel_sites": 1}),

@@ -3,6 +3,10 @@
 DP-SGD here is the textbook mechanism (Abadi et al., 2016) as Opacus implements it:
 Poisson-sampled batches at rate q = batch_size / records, each example's gradient clipped to
 L2 norm <= C, Gaussian noise N(0, (sigma C)^2) added to the sum, divided by the expected batch size.
+With a person-level privacy unit (`data.privacy_unit = <column>`) the same mechanism runs over
+persons instead of records: user-level DP-SGD with user-level sampling (Charles et al. 2024,
+"Fine-Tuning Large Language Models with User-Level Differential Privacy";
+client/person_sampling.py).
 """
 
 from __future__ import annotations
@@ -19,6 +23,14 @@ from opacus.optimizers import DPOptimizer
 
 from fedtune.client.fp32_clip import Fp32ClipDPOptimizer
 from fedtune.client.linear_grad_sample import linear_grad_samples, trainable_linears
+from fedtune.client.person_sampling import (
+    PERSON_KEY,
+    PersonCollator,
+    PersonIndex,
+    group_grad_samples,
+    set_person_grad_samples,
+    site_person_groups,
+)
 from fedtune.client.randomness import site_randomness
 from fedtune.common.config import DPConfig, TrainConfig
 from fedtune.common.data import EncodedDataset, PadCollator, length_chunks
@@ -37,6 +49,7 @@ class TrainResult:
     empty_steps: int  # Poisson batches with no example (noise-only DP steps)
     sample_rate: float  # q used for accounting (0 without DP)
     secret_randomness: bool  # sampler and noise from OS entropy (False: from a given seed)
+    persons_seen: int = 0  # person-level: persons sampled across all steps (0 at record level)
 
 
 def poisson_sample_rate(records: int, batch_size: int) -> float:
@@ -138,6 +151,8 @@ def train_local(
     proximal_mu: float = 0.0,
     grad_sample_mode: Literal["auto", "hooks"] = "auto",
     canaries: GradientCanaries | None = None,
+    person_level: bool = False,
+    max_records_per_person: int | None = None,
 ) -> TrainResult:
     """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place.
 
@@ -159,6 +174,11 @@ def train_local(
 
     `canaries` (an auditor site, client/canaries.py): under DP, each step first clips the
     gradients of the canaries its Poisson sample takes into the step's sum, then the batch's.
+
+    `person_level` (data.privacy_unit = <column>; `dataset.persons` names each record's person):
+    Poisson sampling over persons (q = 1 / ceil(persons / batch_size)), and each sampled
+    person's records (at most `max_records_per_person`, drawn with the secret generator) give
+    one gradient, their mean, clipped to C: user-level DP-SGD (client/person_sampling.py).
     """
     if grad_sample_mode not in ("auto", "hooks"):
         raise ValueError(f"grad_sample_mode must be 'auto' or 'hooks', not {grad_sample_mode!r}")
@@ -168,11 +188,17 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = _optimizer(named, train)
     rng = site_randomness(seed, device)
+    collate: PadCollator | PersonCollator = PadCollator(pad_id)
+    units: torch.utils.data.Dataset = dataset
+    if person_level:  # the loader's items are persons; the collator brings their records
+        groups = site_person_groups(dataset)
+        units = PersonIndex(len(groups))
+        collate = PersonCollator(dataset, groups, pad_id, max_records_per_person, rng.sampler)
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=min(train.batch_size, len(dataset)),
+        units,
+        batch_size=min(train.batch_size, len(units)),
         shuffle=True,
-        collate_fn=PadCollator(pad_id),
+        collate_fn=collate,
         generator=rng.sampler,  # Opacus' Poisson sampler takes the loader's generator
     )
     sample_rate = 0.0
@@ -201,11 +227,11 @@ def train_local(
         optimizer = Fp32ClipDPOptimizer.replacing(optimizer, rng.noise)
         # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
         # Poisson batch is empty; PadCollator builds empty batches itself.
-        loader.collate_fn = PadCollator(pad_id)
+        loader.collate_fn = collate
     # Opacus' no_op wrapper only forwards to the model (with a positional input): run the model.
     net = module if linears is None else model
     losses: list[float] = []
-    seen = empty = 0
+    seen = empty = persons_seen = 0
     restore = contextlib.ExitStack()
     try:
         if linears is not None:
@@ -217,6 +243,7 @@ def train_local(
                     for p, g in zip(params, rows, strict=True):
                         p.grad_sample = g
                     _clip_into_sum(optimizer)
+            owner = batch.pop(PERSON_KEY, None)  # person-level: each row's person in the batch
             n = int(batch["input_ids"].shape[0])
             if n == 0:
                 empty += 1
@@ -226,14 +253,26 @@ def train_local(
                 _step(optimizer, params, anchor, proximal_mu)
                 continue
             total = 0.0
+            by_person = dp.enabled and owner is not None
+            persons = int(owner.max()) + 1 if owner is not None else 0
+            sums: list[torch.Tensor] | None = None
+            if owner is not None:
+                batch[PERSON_KEY] = owner  # split into the chunks with the rows it names
             chunks = length_chunks(batch, train.chunk_tokens)
             for i, chunk in enumerate(chunks):
+                rows_owner = chunk.pop(PERSON_KEY, None)
                 chunk = {k: v.to(device) for k, v in chunk.items()}
                 loss = per_sample_loss(net, chunk, task)
                 _backward(loss, n, dp.enabled, linears is not None)
                 total += float(loss.detach().sum())
-                if dp.enabled and i < len(chunks) - 1:
+                if by_person:  # a person's records may span chunks: clip once all are in
+                    sums = group_grad_samples(params, rows_owner, persons, sums)
+                elif dp.enabled and i < len(chunks) - 1:
                     _clip_into_sum(optimizer)
+            if by_person:
+                assert sums is not None and owner is not None
+                set_person_grad_samples(params, sums, owner.to(sums[0].device), persons)
+            persons_seen += persons
             _step(optimizer, params, anchor, proximal_mu)
             losses.append(total / n)
             seen += n
@@ -245,4 +284,4 @@ def train_local(
                 p.grad_sample = p.summed_grad = None
             optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else math.nan
-    return TrainResult(mean_loss, steps, seen, empty, sample_rate, rng.secret)
+    return TrainResult(mean_loss, steps, seen, empty, sample_rate, rng.secret, persons_seen)

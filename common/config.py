@@ -298,6 +298,51 @@ class DataConfig(_Section):
     partition_column: str | None = None
     demo_records: int = Field(600, gt=10)
     seed: int = 0
+    # The unit of privacy at each site (docs/privacy.md, "Privacy unit: records or persons").
+    # "record" (default): DP per record. A column name (e.g. "patient_id", present in every
+    # record): DP per person, all records with the same value being one person: Poisson
+    # sampling over persons, one clipped gradient per person (the mean of their records'
+    # gradients), δ < 1/persons; train.batch_size is then the expected persons per batch.
+    privacy_unit: str = "record"
+    # Person-level only: at most this many records of a sampled person enter a step, drawn
+    # uniformly at random, afresh at every step, with the site's secret generator. None: all.
+    max_records_per_person: int | None = Field(None, gt=0)
+    # Record-level runs: the column that names the person behind each record (e.g.
+    # "patient_id"), if the data has one. Not used for training: the site counts the records of
+    # its largest person (k), and the report states the group-privacy bound (kε, k·e^((k-1)ε)·δ)
+    # that a record-level guarantee gives that person. With a person-level privacy_unit it
+    # defaults to (and must equal) that column.
+    person_column: str | None = None
+
+    @field_validator("privacy_unit")
+    @classmethod
+    def _unit_name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError('must be "record" or the name of a column (e.g. "patient_id")')
+        return v
+
+    @property
+    def person_level(self) -> bool:
+        """True when the unit of privacy is a person (a column), not a record."""
+        return self.privacy_unit != "record"
+
+    @property
+    def person_key(self) -> str | None:
+        """The column naming each record's person: the privacy unit, else the reporting hint."""
+        return self.privacy_unit if self.person_level else self.person_column
+
+    @model_validator(mode="after")
+    def _unit_settings(self) -> DataConfig:
+        if self.person_level and self.person_column not in (None, self.privacy_unit):
+            raise ValueError(
+                f"data.person_column = {self.person_column!r} differs from data.privacy_unit = "
+                f"{self.privacy_unit!r}: with a person-level privacy unit, leave "
+                "data.person_column unset (it is the privacy unit's column)")
+        if self.max_records_per_person is not None and not self.person_level:
+            raise ValueError("data.max_records_per_person bounds a person's records in a "
+                             "person-level run: set data.privacy_unit to the person column, or "
+                             "unset data.max_records_per_person")
+        return self
 
 
 class OutputConfig(_Section):
@@ -434,6 +479,9 @@ UNSET_MEANING = {
                   "data.eval_fraction of data.train is held out, seeded by data.seed)"),
     "data.max_eval_records": (" (all of data.eval; at most 500 of the split held out from "
                               "data.train)"),
+    "data.max_records_per_person": " (all records of each sampled person)",
+    "data.person_column": (" (no person column known: a record-level report states no "
+                           "group-privacy bound)"),
 }
 
 

@@ -104,6 +104,31 @@ def _field(rec: Record, key: str) -> Any:
     return rec.fields[key]
 
 
+def person_ids(records: list[Record], column: str) -> list[str]:
+    """The person of each record: its value in `column` (data.privacy_unit), as a string.
+    A record without it (or with an empty value) is an error naming file:line:key."""
+    out = []
+    for rec in records:
+        if column not in rec.fields:
+            raise DataError(
+                f"{rec.source}:{rec.line}: missing key '{column}' (data.privacy_unit names the "
+                f"person column, which every record needs; has: {', '.join(rec.fields)})")
+        value = rec.fields[column]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            raise DataError(f"{rec.source}:{rec.line}: '{column}' is empty (data.privacy_unit "
+                            "needs the person of every record)")
+        out.append(str(value))
+    return out
+
+
+def person_groups(persons: list[str]) -> list[list[int]]:
+    """Record indices of each person, persons in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for i, person in enumerate(persons):
+        groups.setdefault(person, []).append(i)
+    return list(groups.values())
+
+
 # ---------------------------------------------------------------- instruction tuning
 
 
@@ -202,10 +227,15 @@ def encode_classification(
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Token ids of one site (or of the server's held-out split)."""
+    """Token ids of one site (or of the server's held-out split).
 
-    def __init__(self, items: list[dict[str, Any]]) -> None:
+    `persons`: the person of each record (data.privacy_unit / data.person_column), or None."""
+
+    def __init__(self, items: list[dict[str, Any]], persons: list[str] | None = None) -> None:
+        if persons is not None and len(persons) != len(items):
+            raise ValueError(f"{len(persons)} person ids for {len(items)} records")
         self.items = items
+        self.persons = persons
 
     def __len__(self) -> int:
         return len(self.items)

@@ -6,8 +6,9 @@ never under-count it.
 
 Tables (one file per site, `<state_dir>/privacy_ledger.sqlite`; runs accumulate in it):
 - `rounds`   one row per DP round started: mechanism parameters and the cumulative epsilon of the
-             run and of all runs at this site, from both accountants (RDP and PRV), and whether
-             its sampling and noise were secret (OS entropy) or from a known seed.
+             run and of all runs at this site, from both accountants (RDP and PRV), whether
+             its sampling and noise were secret (OS entropy) or from a known seed, and the unit
+             of privacy ('record', or the person column of a person-level run, with its persons).
 - `plans`    the budget plan of each run (noise multiplier, sample rate, budgets), fixed at its
              first round.
 - `payloads` what left the site each round: size and SHA-256 of the serialized update, never data.
@@ -82,9 +83,17 @@ CREATE TABLE IF NOT EXISTS declines (
 """
 # Columns added after the first schema (older rows keep NULL): both accountants' epsilon on
 # every round, and whether the round's randomness was secret (1), from a seed (0), unknown (NULL).
+# The unit of privacy ("record", or the person column of a person-level run; older rows:
+# 'record') and, at person level, the persons that q and δ counted.
 ADDED_ROUND_COLUMNS = {"epsilon_run_rdp": "REAL", "epsilon_run_prv": "REAL",
                        "epsilon_total_rdp": "REAL", "epsilon_total_prv": "REAL",
-                       "secret_randomness": "INTEGER"}
+                       "secret_randomness": "INTEGER",
+                       "privacy_unit": "TEXT NOT NULL DEFAULT 'record'",
+                       "persons": "INTEGER"}
+# Plans: the privacy unit, the person column, persons and the largest person's records.
+ADDED_PLAN_COLUMNS = {"privacy_unit": "TEXT NOT NULL DEFAULT 'record'",
+                      "person_column": "TEXT", "persons": "INTEGER",
+                      "max_person_records": "INTEGER"}
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,9 @@ class LedgerRow:
     # Poisson sampling and noise from OS entropy (True), from a seed someone may know (False);
     # None: a row written before this was recorded.
     secret_randomness: bool | None = None
+    # "record", or the person column: ε is per person (persons: how many q and δ counted).
+    privacy_unit: str = "record"
+    persons: int | None = None
 
     def __post_init__(self) -> None:
         if self.secret_randomness is not None:  # SQLite gives 0 / 1
@@ -151,6 +163,10 @@ def _migrate(db: sqlite3.Connection) -> None:
     for col, kind in ADDED_ROUND_COLUMNS.items():
         if col not in have:
             db.execute(f"ALTER TABLE rounds ADD COLUMN {col} {kind}")
+    have = {r[1] for r in db.execute("PRAGMA table_info(plans)")}
+    for col, kind in ADDED_PLAN_COLUMNS.items():
+        if col not in have:
+            db.execute(f"ALTER TABLE plans ADD COLUMN {col} {kind}")
 
 
 class PrivacyLedger:
@@ -297,6 +313,8 @@ class PrivacyLedger:
         records: int,
         accountant: str,
         secret_randomness: bool | None = None,
+        privacy_unit: str = "record",
+        persons: int | None = None,
     ) -> LedgerRow:
         """Append one round's spend and fsync it. Call before the data is used.
 
@@ -311,6 +329,7 @@ class PrivacyLedger:
             run_id, site, round, noise_multiplier, sample_rate, steps, max_grad_norm,
             delta, records, accountant, run[accountant], total[accountant], time.time(),
             run["rdp"], run["prv"], total["rdp"], total["prv"], secret_randomness,
+            privacy_unit, persons,
         )
         self._insert("rounds", LedgerRow, row)
         return row

@@ -142,10 +142,24 @@ def model_card(cfg: RunConfig) -> str:
     if dp.enabled:
         noise = (f"noise multiplier {dp.noise_multiplier:g}" if dp.noise_multiplier is not None
                  else f"noise calibrated to a target ε = {dp.target_epsilon:g} for the run")
-        privacy = (f"Sample-level (ε, δ)-DP per site with DP-SGD (Opacus): {noise}, "
-                   f"δ = {dp.delta:g}, per-example clipping norm {dp.max_grad_norm:g}, "
-                   f"{dp.accountant.upper()} accountant. Each site's spent ε is in the run's "
-                   "metrics.jsonl and `fedtune report <run dir>`.")
+        data = cfg.data
+        if data.person_level:
+            privacy = (f"Person-level (ε, δ)-DP per site, per person (column "
+                       f"`{data.privacy_unit}`): all the records of one person are protected "
+                       "together. User-level DP-SGD (Charles et al. 2024) with Opacus: Poisson "
+                       f"sampling over persons, {noise}, δ = {dp.delta:g} (below 1/persons), "
+                       f"each person's mean gradient clipped to {dp.max_grad_norm:g}, "
+                       f"{dp.accountant.upper()} accountant.")
+        else:
+            privacy = (f"Sample-level (ε, δ)-DP per site, per record, with DP-SGD (Opacus): "
+                       f"{noise}, δ = {dp.delta:g}, per-example clipping norm "
+                       f"{dp.max_grad_norm:g}, {dp.accountant.upper()} accountant. A person "
+                       "with k records is protected only at about kε (group privacy)"
+                       + (f"; `fedtune report` states that bound for the largest person "
+                          f"(column `{data.person_column}`)" if data.person_column else "")
+                       + ".")
+        privacy += (" Each site's spent ε is in the run's metrics.jsonl and "
+                    "`fedtune report <run dir>`.")
     else:
         privacy = "DP-SGD was off: this adapter carries no differential-privacy guarantee."
     if cfg.central_dp.enabled:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,16 +30,32 @@ class PrivacyBudgetError(ValueError):
     """A privacy parameter is impossible or a budget cannot be met."""
 
 
-def check_delta(delta: float, records: int, where: str = "") -> None:
-    """delta must be below 1/records: otherwise the guarantee allows leaking a whole record."""
+def check_delta(delta: float, records: int, where: str = "", unit: str = "records") -> None:
+    """delta must be below 1/units (records, or persons at person level): otherwise the
+    guarantee allows leaking a whole record (a whole person)."""
     if records <= 0:
-        raise PrivacyBudgetError(f"{where}no records")
+        raise PrivacyBudgetError(f"{where}no {unit}")
     if delta >= 1.0 / records:
         raise PrivacyBudgetError(
             f"{where}dp.delta = {delta:g} is not below "
-            f"1/records = 1/{records} = {1 / records:.3g}; "
+            f"1/{unit} = 1/{records} = {1 / records:.3g}; "
             f"choose dp.delta < {1 / records:.3g} (e.g. {10 ** -(len(str(records)) + 1):g})"
         )
+
+
+def group_privacy(epsilon: float, delta: float, k: int) -> tuple[float, float]:
+    """(ε, δ)-DP for one record implies (kε, k·e^((k-1)ε)·δ)-DP for any group of k records
+    (group privacy: Dwork & Roth 2014, "The Algorithmic Foundations of Differential Privacy",
+    §2.3, for ε; for (ε, δ) e.g. Vadhan 2017, "The Complexity of Differential Privacy", group
+    privacy lemma). What a record-level guarantee gives a person with k records; δ may exceed 1
+    (then it says nothing)."""
+    if k <= 1:
+        return epsilon, delta
+    try:
+        group_delta = k * math.exp((k - 1) * epsilon) * delta
+    except OverflowError:
+        group_delta = math.inf
+    return k * epsilon, group_delta
 
 
 ACCOUNTANTS = ("rdp", "prv")
@@ -177,6 +194,18 @@ class BudgetPlan:
     planned_epsilon: float  # epsilon of the whole planned run alone
     prior_epsilon: float  # spent by earlier runs at this site
     projected_total: float  # earlier runs + the whole planned run
+    # The unit of privacy: "record", or the person column (data.privacy_unit). Older ledgers:
+    # "record". `persons`: persons at the site when known (person level, or record level with
+    # data.person_column); q and δ count them at person level. `max_person_records`: the
+    # records of the site's largest person (the k of the group bound of a record-level run).
+    privacy_unit: str = "record"
+    person_column: str | None = None
+    persons: int | None = None
+    max_person_records: int | None = None
+
+    @property
+    def person_level(self) -> bool:
+        return self.privacy_unit != "record"
 
     @property
     def round_mechanism(self) -> Mechanism:

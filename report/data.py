@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedtune.common import disclosure
 from fedtune.common.ledger import LedgerRow, PrivacyLedger
-from fedtune.common.privacy import epsilons
+from fedtune.common.privacy import epsilons, group_privacy
 from fedtune.common.run_layout import RunLayout
 from fedtune.report.wording import AUDIT_MEANING
 
@@ -117,6 +117,11 @@ def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
         records = next((int(r) for r in told if r is not None), None)
     budget = plan.get("max_epsilon")
     accountant = plan.get("accountant") or (rows[-1].accountant if rows else "rdp")
+    focus_rows = (focus or {}).get("rounds") or []
+    unit = plan.get("privacy_unit") or (focus_rows[-1]["privacy_unit"] if focus_rows
+                                        else "record")
+    eps_run = (focus or {}).get(f"epsilon_{accountant}") or 0.0
+    delta = plan.get("delta") or (rows[-1].delta if rows else None)
     return {
         "site_id": site_id,
         "ledger": str(ledger.path),
@@ -128,10 +133,27 @@ def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
         "budget_used": (total[accountant] / budget) if budget else None,
         "runs": runs,
         "focus_run": focus["run_id"] if focus else None,
+        # The unit of privacy of the focus run: "record" or the person column.
+        "privacy_unit": unit,
+        "person_column": plan.get("person_column"),
+        "persons": plan.get("persons"),
+        "max_person_records": plan.get("max_person_records"),
+        "group_bound": _group_bound(unit, plan, eps_run, delta),
         # The values the server logged from this site in this run (a subset of the list)
         "values_received": sorted({k for (sid, _), v in server_rounds.items() if sid == site_id
                                    for k in v}),
     }
+
+
+def _group_bound(unit: str, plan: dict, eps: float, delta: float | None) -> dict | None:
+    """A record-level run on data with a person column: what its (ε, δ) per record gives the
+    site's largest person (k records), by group privacy: (kε, k·e^((k-1)ε)·δ)."""
+    k = plan.get("max_person_records")
+    if unit != "record" or not k or delta is None or not plan.get("person_column"):
+        return None
+    g_eps, g_delta = group_privacy(eps, delta, int(k))
+    return {"column": plan["person_column"], "k": int(k), "epsilon": eps, "delta": delta,
+            "group_epsilon": g_eps, "group_delta": g_delta}
 
 
 def _warnings(sites: list[dict], central: dict | None) -> list[dict]:
@@ -158,11 +180,21 @@ def _warnings(sites: list[dict], central: dict | None) -> list[dict]:
             out.append({"site": sid, "message": (
                 f"{sid} has no lifetime budget (dp.max_epsilon): every new run adds to its ε"
             )})
-        if s["delta"] and s["records"] and s["delta"] * s["records"] > DELTA_RULE:
+        person_level = s["privacy_unit"] != "record" and s["persons"]
+        count, noun = (s["persons"], "persons") if person_level else (s["records"], "records")
+        if s["delta"] and count and s["delta"] * count > DELTA_RULE:
             out.append({"site": sid, "message": (
-                f"δ = {s['delta']:g} is large for {sid}'s {s['records']} records "
-                f"(δ × records = {s['delta'] * s['records']:.2g}); δ should be far below "
-                f"1/records = {1 / s['records']:.2g}, e.g. ≤ {0.1 / s['records']:.1g}"
+                f"δ = {s['delta']:g} is large for {sid}'s {count} {noun} "
+                f"(δ × {noun} = {s['delta'] * count:.2g}); δ should be far below "
+                f"1/{noun} = {1 / count:.2g}, e.g. ≤ {0.1 / count:.1g}"
+            )})
+        if s["group_bound"] and s["group_bound"]["k"] > 1:
+            g = s["group_bound"]
+            out.append({"site": sid, "message": (
+                f"{sid}'s guarantee is per record, but its data has several records per person "
+                f"(column {g['column']}): its largest person ({g['k']} records) is protected "
+                f"only at ε = {g['group_epsilon']:.3g}, δ = {g['group_delta']:.3g} (group "
+                "privacy). Set data.privacy_unit to the person column for a per-person guarantee"
             )})
         for run in s["runs"]:
             if run["seeded_rounds"]:

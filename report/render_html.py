@@ -65,6 +65,15 @@ def _status(run: dict | None) -> str:
     return '<span class="ok">trained every round it was asked</span>'
 
 
+def _group_cell(site: dict) -> str:
+    """A record-level site with a person column: k records of its largest person, and the
+    group-privacy (ε, δ) that gives it; "–" otherwise."""
+    g = site.get("group_bound")
+    if not g:
+        return "–"
+    return escape(f"k = {g['k']}: ε = {g['group_epsilon']:.3g}, δ = {g['group_delta']:.3g}")
+
+
 def _sites_table(report: dict) -> str:
     rows = []
     for s in report["sites"]:
@@ -72,7 +81,8 @@ def _sites_table(report: dict) -> str:
         plan = (run or {}).get("plan") or {}
         acc = s["accountant"]
         rows.append([
-            escape(s["site_id"]), _f(s["records"]), _f(s["delta"]), escape(acc.upper()),
+            escape(s["site_id"]), escape(wording.unit_label(s)), _f(s["records"]),
+            _f(s.get("persons")), _group_cell(s), _f(s["delta"]), escape(acc.upper()),
             _f(plan.get("noise_multiplier")), _f(plan.get("sample_rate")),
             _f(plan.get("max_grad_norm")), _f(plan.get("steps_per_round")),
             _f(plan.get("rounds")), _f(run["rounds_trained"] if run else 0),
@@ -83,7 +93,8 @@ def _sites_table(report: dict) -> str:
             _status(run),
         ])
     return _table(
-        ["site", "records", "δ", "accountant", "σ (noise mult.)", "q (sample rate)",
+        ["site", "privacy unit", "records", "persons", "largest person: group ε, δ", "δ",
+         "accountant", "σ (noise mult.)", "q (sample rate)",
          "C (clip norm)", "steps / round", "rounds planned", "rounds trained",
          "ε this run (RDP)", "ε this run (PRV)", "ε all runs", "budget ε", "budget used",
          "status"],
@@ -190,7 +201,9 @@ def render_html(report: dict) -> str:
         cls = "guarantee nodp" if run and run.get("sent_without_dp") else "guarantee"
         guarantees.append(
             f'<div class="{cls}"><b>{escape(s["site_id"])}</b> '
-            f'({_f(s["records"])} records). {escape(wording.sample_level(s, run, eps))} '
+            f'({_f(s["records"])} records'
+            + (f', {_f(s["persons"])} persons' if s.get("persons") else "") + '). '
+            f'{escape(wording.sample_level(s, run, eps))} '
             f'{escape(wording.site_total(s))}</div>'
         )
     if report.get("central_dp"):
@@ -208,8 +221,9 @@ def render_html(report: dict) -> str:
 <code>{escape(report['source'])}</code>. Every ε below is read from the sites' privacy ledgers,
 which each site writes (and flushes to disk) before it uses its data in a round.</p>
 <h2>Guarantee</h2>
-<p>Sample-level differential privacy, per site: each site's privacy is stated for its own records,
-over all the rounds of the run composed. Rounds a site declined cost it nothing.</p>
+<p>Differential privacy per site: each site's privacy is stated for its own data, per record or
+per person (the site's privacy unit, said for each site below), over all the rounds of the run
+composed. Rounds a site declined cost it nothing.</p>
 {''.join(guarantees)}
 {_threat_model()}
 <h2>Warnings</h2>{warnings}
@@ -219,6 +233,7 @@ over all the rounds of the run composed. Rounds a site declined cost it nothing.
 {_sites_table(report)}
 <h2>Mechanism and accounting</h2>
 <p>{escape(wording.MECHANISM)}</p>
+<p>{escape(wording.PERSON_MECHANISM)}</p>
 <p>Each round's spend is recorded with two accountants; the budget is planned and enforced with
 the one named per site in the table.</p><ul>{accountants}</ul>
 {_central_section(report.get('central_dp'))}

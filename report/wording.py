@@ -11,6 +11,41 @@ MECHANISM = (
     "Only the LoRA adapter is trained; the base model never changes."
 )
 
+PERSON_MECHANISM = (
+    "With a person-level privacy unit (data.privacy_unit = a column such as patient_id), the "
+    "same mechanism runs over persons: user-level DP-SGD with user-level sampling (Charles et al. "
+    "2024, \"Fine-Tuning Large Language Models with User-Level Differential Privacy\"). In every "
+    "step each person joins the batch independently with probability q with all of their "
+    "records (or a bounded number of them, drawn at random), the mean of one person's record "
+    "gradients is clipped to L2 norm C, and the noise is added to the sum over persons; ε is "
+    "accounted over persons and δ is below 1/persons."
+)
+
+
+def unit_label(site: dict) -> str:
+    """How a site's guarantee is counted: "per person (column X)" or "per record"."""
+    unit = site.get("privacy_unit") or "record"
+    return "per record" if unit == "record" else f"per person (column {unit})"
+
+
+def group_bound(site: dict) -> str:
+    """A record-level run's bound for its largest person (group privacy), or ""."""
+    g = site.get("group_bound")
+    if not g:
+        return ""
+    if g["k"] <= 1:
+        return (f" Every person (column {g['column']}) has a single record at "
+                f"{site['site_id']}, so this guarantee also holds per person.")
+    delta = (f"δ = {g['group_delta']:.3g}" if g["group_delta"] < 1
+             else f"δ = {g['group_delta']:.3g} ≥ 1, i.e. no guarantee at all")
+    return (f" This guarantee is per record, and {site['site_id']}'s data has several records "
+            f"per person (column {g['column']}): its largest person has k = {g['k']} records, "
+            f"and group privacy (Dwork & Roth 2014, §2.3; for (ε, δ): (kε, k·e^((k−1)ε)·δ)) "
+            f"protects that person's records together only at ε = {g['group_epsilon']:.3g}, "
+            f"{delta}. For a guarantee per person, train with data.privacy_unit = "
+            f"\"{g['column']}\".")
+
+
 ACCOUNTANTS = {
     "rdp": "RDP — Rényi differential privacy accountant (Mironov 2017), an upper bound",
     "prv": "PRV — privacy random variable accountant (Gopi et al. 2021), a tighter numerical "
@@ -44,18 +79,27 @@ def sample_level(site: dict, run: dict | None, eps: float) -> str:
     if not rounds:
         return (f"{sid} trained no round in this run: no update computed from its data left the "
                 "site, so this run revealed nothing about its records.")
+    unit = site.get("privacy_unit") or "record"
+    if unit == "record":
+        who, one, with_it, what = (f"every single record held by {sid}", "per record",
+                                   "that record", "any one record was")
+    else:
+        who = (f"every person at {sid} (all of the records that share one value of the column "
+               f"{unit}, e.g. a patient with all of their notes)")
+        one, with_it, what = (f"per person (column {unit})", "that person's records",
+                              "any one person's records were")
     return (
-        f"For every single record held by {sid}, the model updates {sid} sent during this run "
+        f"Guarantee {one}. For {who}, the model updates {sid} sent during this run "
         f"({rounds} round{'s' if rounds != 1 else ''}, all composed) satisfy "
         f"(ε = {eps:.3g}, δ = {delta:g})-differential privacy: for any set of possible "
-        f"updates, the probability that they fall in it with that record in {sid}'s data is at "
+        f"updates, the probability that they fall in it with {with_it} in {sid}'s data is at "
         f"most e^ε = {_odds(eps)} times the probability without it, plus δ = {delta:g}. In "
         f"plain words: whoever sees those updates — the coordinator, the other sites, or anyone "
-        f"who obtains the final model — learns little about whether any one record was there, "
-        f"whatever they know about the other records. This rests on {sid} drawing its sampling "
+        f"who obtains the final model — learns little about whether {what} there, "
+        f"whatever they know about the rest. This rests on {sid} drawing its sampling "
         f"and noise in secret; it does not cover the values {sid} sent in clear (listed "
         f"below), nor the attacks listed under the threat model.{_weak(eps)}"
-        f"{_seeded(sid, run)}"
+        f"{group_bound(site) if unit == 'record' else ''}{_seeded(sid, run)}"
     )
 
 

@@ -5,8 +5,13 @@
    sites connect there, default port 9092), Control/Runtime API over HTTPS on 127.0.0.1:8000.
    Flower's own state (database, installed app bundles, CLI config) lives under the coordinator's
    state directory (`FLWR_HOME`), never in the user's home.
-3. Registers every site public key in `<certs>/registry/` with the SuperLink
-   (`flwr supernode register`): a SuperNode whose key is not registered is refused.
+3. Registers every site public key in `<certs>/registry/` with the SuperLink (as
+   `flwr supernode register` does, over the Control API) BEFORE the Fleet API opens: a first
+   SuperLink on the same database, its Fleet API bound to an ephemeral loopback port that no
+   site can reach, takes the registrations and stops; the SuperLink the sites reach then starts
+   on that database (Flower keeps registered keys in its sqlite state). A site that starts
+   before the coordinator is never refused for a key registered a moment too late; a SuperNode
+   whose key is not registered at all is refused.
 4. Writes a small Flower app (pyproject.toml whose components are `server.superlink_app:app` and
    `client.supernode_app:app`, run config = the effective fedtune config as JSON) and submits it
    with `flwr run`. The SuperLink runs the ServerApp; the sites' SuperNodes run the ClientApp.
@@ -35,7 +40,7 @@ from pathlib import Path
 import tomli_w
 
 from fedtune.common.run_layout import RunLayout
-from fedtune.server.certs import CertPaths, registered_keys
+from fedtune.server.certs import CertPaths, load_public_key, registered_keys
 from fedtune.server.deployment_run import PreparedDeployment, write_flower_app
 
 CONNECTION = "fedtune"  # name of the SuperLink connection in FLWR_HOME/config.toml
@@ -120,6 +125,14 @@ def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | Non
     raise CoordinatorError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 20.0) -> None:
     if proc is None or proc.poll() is not None:
         return
@@ -140,6 +153,7 @@ class Coordinator:
         self.superlink: subprocess.Popen | None = None
         self._log_fh = None
         self._started_at, self._started_wall = time.monotonic(), time.time()
+        self.registration_s = 0.0  # start-up time spent registering the keys before the Fleet API
         self.certs = CertPaths(Path(opts.certs_dir))
 
     # -- configuration checks ----------------------------------------------------------------
@@ -178,7 +192,9 @@ class Coordinator:
             tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}})
         )
 
-    def superlink_command(self) -> list[str]:
+    def superlink_command(self, fleet_address: str | None = None) -> list[str]:
+        """The `flower-superlink` command line; `fleet_address` replaces the sites' address
+        (the registration-only SuperLink binds 127.0.0.1:0, an ephemeral loopback port)."""
         o = self.opts
         cmd = [_bin("flower-superlink")]
         if o.insecure:
@@ -190,7 +206,7 @@ class Coordinator:
                     "--enable-supernode-auth"]
         cmd += [
             "--fleet-api-type", "grpc-rere",
-            "--fleet-api-address", o.fleet_address,
+            "--fleet-api-address", fleet_address or o.fleet_address,
             "--host", o.control_host, "--port", str(o.control_port),
             "--database", str((o.state_dir / "superlink.db").resolve()),
             # The app's code is the installed fedtune: never `uv sync` anything at run time.
@@ -198,18 +214,24 @@ class Coordinator:
         ]
         return cmd
 
-    def start_superlink(self) -> None:
+    def _spawn_superlink(self, fleet_address: str | None = None) -> subprocess.Popen:
         o = self.opts
         o.state_dir.mkdir(parents=True, exist_ok=True)
         o.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._write_flwr_config()
-        self._log_fh = open(o.log_path, "ab")
-        self._started_at, self._started_wall = time.monotonic(), time.time()
-        self.superlink = subprocess.Popen(
-            self.superlink_command(), stdout=self._log_fh, stderr=subprocess.STDOUT,
-            env=child_env(o.flwr_home, o.extra_env), cwd=o.state_dir,
+        if self._log_fh is None:
+            self._log_fh = open(o.log_path, "ab")
+        return subprocess.Popen(
+            self.superlink_command(fleet_address), stdout=self._log_fh,
+            stderr=subprocess.STDOUT, env=child_env(o.flwr_home, o.extra_env), cwd=o.state_dir,
             preexec_fn=_die_with_parent,
         )
+
+    def start_superlink(self) -> None:
+        """Start the SuperLink the sites connect to; returns once both APIs listen."""
+        o = self.opts
+        self._started_at, self._started_wall = time.monotonic(), time.time()
+        self.superlink = self._spawn_superlink()
         fleet_host, _, fleet_port = o.fleet_address.rpartition(":")
         fleet_host = "127.0.0.1" if fleet_host in ("0.0.0.0", "[::]", "") else fleet_host
         try:
@@ -219,6 +241,40 @@ class Coordinator:
         except CoordinatorError as e:
             raise CoordinatorError(f"the SuperLink did not start: {e}; see {o.log_path}") from None
 
+    def start_registered(self, keys: dict[str, Path]) -> dict[str, str]:
+        """Register the site keys, then start the SuperLink the sites connect to: no site can
+        reach the Fleet API before its key is registered (a site that started first would
+        otherwise be refused: "No SuperNode found with the given public key").
+
+        The keys are registered through the Control API of a first SuperLink on the same
+        database whose Fleet API is bound to an ephemeral loopback port (127.0.0.1:0), which is
+        then stopped; Flower keeps the registrations in the database. Without site
+        authentication (--insecure) there is nothing to register."""
+        if self.opts.insecure or not keys:
+            self.start_superlink()
+            return {}
+        o = self.opts
+        t0 = time.monotonic()
+        self.superlink = self._spawn_superlink(fleet_address="127.0.0.1:0")
+        try:
+            try:
+                wait_port(o.control_host, o.control_port, o.startup_timeout_s, self.superlink)
+            except CoordinatorError as e:
+                raise CoordinatorError(
+                    f"the SuperLink did not start (to register the site keys): {e}; "
+                    f"see {o.log_path}") from None
+            registered = self.register_sites(keys)
+        finally:
+            stop_process(self.superlink)
+            self.superlink = None
+        # The Control API port is reused at once: wait until the first SuperLink released it.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _listening(o.control_host, o.control_port):
+            time.sleep(0.1)
+        self.registration_s = time.monotonic() - t0
+        self.start_superlink()
+        return registered
+
     def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         return subprocess.run(
             [_bin("flwr"), *args], capture_output=True, text=True, timeout=timeout,
@@ -226,21 +282,30 @@ class Coordinator:
         )
 
     def register_sites(self, keys: dict[str, Path]) -> dict[str, str]:
-        """Register each site's public key with the SuperLink (idempotent across restarts)."""
+        """Register each site's public key with the SuperLink, as `flwr supernode register`
+        does, over the Control API from this process (idempotent across restarts: a key
+        already in the database is "already registered")."""
+        from flwr.proto.control_pb2 import RegisterNodeRequest
+        from flwr.supercore.error import ApiErrorCode
+        from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+
         out = {}
-        for site_id, pub in keys.items():
-            res = self.flwr("supernode", "register", str(pub.resolve()), CONNECTION,
-                            "--name", site_id, "--format", "json")
-            info = _json_tail(res.stdout)
-            if info.get("success"):
-                out[site_id] = f"registered (node {info.get('node-id')})"
-            elif "already in use" in str(info.get("error-message", "")):
-                out[site_id] = "already registered"
-            else:
-                raise CoordinatorError(
-                    f"registering site {site_id!r} ({pub}) failed: "
-                    f"{info.get('error-message') or res.stderr.strip() or res.stdout.strip()}"
-                )
+        client = self._control_client()
+        try:
+            for site_id, pub in keys.items():
+                try:
+                    key = public_key_to_bytes(load_public_key(pub))
+                    res = client.RegisterNode(RegisterNodeRequest(public_key=key, name=site_id))
+                except Exception as e:  # noqa: BLE001 - Flower's HTTP client errors, a bad key
+                    code, why = _flower_error(e)
+                    if code == ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE:
+                        out[site_id] = "already registered"
+                        continue
+                    raise CoordinatorError(
+                        f"registering site {site_id!r} ({pub}) failed: {why}") from None
+                out[site_id] = f"registered (node {res.node_id})"
+        finally:
+            client.close()
         return out
 
     def stale_nodes(self) -> list[str]:
@@ -377,6 +442,19 @@ class Coordinator:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+
+
+def _flower_error(e: Exception) -> tuple[int | None, str]:
+    """(Flower's error code, a readable message) of an error of the Control API's client."""
+    import httpx
+    from flwr.supercore.error import FlowerError
+
+    if isinstance(e, httpx.HTTPStatusError):
+        err = FlowerError.from_json(e.response.text)
+        if err is not None:
+            return err.code, " ".join(
+                x for x in (f"[code: {err.code}]", err.message, err.public_details) if x)
+    return None, str(e)
 
 
 def _json_tail(stdout: str) -> dict:

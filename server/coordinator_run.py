@@ -1,8 +1,9 @@
 """One deployed run, start to end: what `fedtune server` does between its header and its exit.
 
-Prepare the run directory (or reopen it with `--resume`), start the SuperLink, register the
-site keys, wait out SuperNodes left over from before a restart, submit the Flower app, follow
-the rounds, keep the ServerApp's log, stop the SuperLink. SIGTERM (systemd, Kubernetes) stops the
+Prepare the run directory (or reopen it with `--resume`), register the site keys and start the
+SuperLink (keys first, so no site can reach the Fleet API before its key is known), wait out
+SuperNodes left over from before a restart, submit the Flower app, follow the rounds, keep the
+ServerApp's log, stop the SuperLink. SIGTERM (systemd, Kubernetes) stops the
 run like Ctrl-C, so the SuperLink never outlives the coordinator.
 """
 
@@ -63,12 +64,16 @@ def serve(coord: Coordinator, keys: dict[str, Path], prepared: PreparedDeploymen
     opts = coord.opts
     status = "not started"
     try:
-        coord.start_superlink()
+        # The keys are registered before the Fleet API opens: a site started before the
+        # coordinator is never refused for a key registered a moment too late.
+        registered = coord.start_registered(keys)
+        for site_id, what in registered.items():
+            say(f"site key {site_id}: {what}")
         tls = "" if opts.insecure else ", TLS, SuperNode authentication"
         say(f"SuperLink: Fleet API {opts.fleet_address} (gRPC{tls}), "
-            f"Control API {opts.control_address}; log {opts.log_path}")
-        for site_id, what in coord.register_sites(keys).items():
-            say(f"site key {site_id}: {what}")
+            f"Control API {opts.control_address}; log {opts.log_path}"
+            + (f"; site keys registered before the Fleet API opened "
+               f"({coord.registration_s:.1f} s)" if registered else ""))
         coord.wait_for_stale_nodes()  # after a restart: sites listed online from before it
         run_id = coord.submit(prepared)
         say(f"Flower run {run_id} submitted; waiting for {c.federation.num_sites} sites")

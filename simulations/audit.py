@@ -8,6 +8,9 @@ confidence, for comparison with the epsilon the site's accountant recorded in it
 
 - white-box: gradient (Dirac) canaries clipped into the site's DP sum (client/canaries.py);
   score = minus the canary's coordinate in the site's deltas summed over rounds.
+- white-box, knowing the sample (`audit_known_sample`, tests): per-step deltas scored over the
+  steps in which each canary would have been sampled, replayed from a seed; it catches a sample
+  predictable to the coordinator (a test-only broken mode seeds it from the run seed).
 - black-box: canary records (random words; a random label for classification) added to the
   site's file; score = the drop of the canary's loss from the initial to the final global model.
 
@@ -33,7 +36,9 @@ from fedtune.client.canaries import (
     GradientCanaries,
     observations_path,
     whitebox_scores,
+    would_join,
 )
+from fedtune.client.randomness import coordinator_seed
 from fedtune.client.trainer import train_local
 from fedtune.common.audit_bound import audit_bound
 from fedtune.common.config import DPConfig, RunConfig, TrainConfig
@@ -128,6 +133,57 @@ def audit_local(
     eps = epsilon([(noise_multiplier, result.sample_rate, steps)], dp.delta, dp.accountant)
     return _result("white-box", scores, spec.included, dp=dp, accountant_epsilon=eps, beta=beta,
                    started=started, audited=f"one site's DP-SGD ({steps} steps), no federation")
+
+
+def audit_known_sample(
+    model: torch.nn.Module, dataset: EncodedDataset, *, task: TaskKind, pad_id: int,
+    device: torch.device, train: TrainConfig, dp: DPConfig, noise_multiplier: float, steps: int,
+    run_seed: int, predictable: bool = False, m: int = 1000, beta: float = 0.05,
+    site_id: str = "site-0", train_fn: Callable[..., Any] = train_local,
+) -> tuple[AuditResult, AuditResult]:
+    """White-box audit of one site's training by an attacker who knows the run seed and
+    observes every step's delta (a coordinator does, with one local step per round).
+
+    It replays the canaries' Poisson participation from coordinator_seed(run_seed, site_id, 1),
+    the seed fedtune's sites once derived it from, and scores canary i by minus the sum of its
+    coordinate's deltas over the k_i steps that would have sampled it, divided by sqrt(k_i): with
+    the sample known this is a k-fold Gaussian mechanism, without amplification by subsampling.
+
+    `predictable=True` is a deliberately broken mechanism (tests only): the canaries' sample is
+    drawn from that seed, so the attack knows it. False (fedtune's mechanism): it is drawn from
+    OS entropy and the replayed sample is unrelated to it.
+
+    Returns (this attack, audit_local's final-delta score on the same run)."""
+    if not dp.enabled:
+        raise AuditError("an audit needs DP (dp.enabled = true)")
+    started = time.perf_counter()
+    rng = np.random.default_rng()  # the auditor's secret: which canaries are in, and where
+    spec = CanarySpec(_inclusion(m, rng), int(rng.integers(2**31)))
+    seed = coordinator_seed(run_seed, site_id, 1)
+    site_rng = np.random.default_rng(seed) if predictable else None  # None: OS entropy
+    canaries = GradientCanaries(spec, model, rng=site_rng, trace=True)
+    result = train_fn(model, dataset, task=task, pad_id=pad_id, device=device, train=train,
+                      dp=dp, noise_multiplier=noise_multiplier, steps=steps, seed=None,
+                      canaries=canaries)
+    params = [p for p in model.parameters() if p.requires_grad]
+    deltas = canaries.step_deltas(params)  # (steps, m)
+    if len(deltas) != steps:
+        raise AuditError(f"traced {len(deltas)} steps of {steps}")
+    replay = np.random.default_rng(seed)
+    joins = np.stack([would_join(replay, m, result.sample_rate) for _ in range(steps)])
+    k = joins.sum(axis=0)
+    aware = -(deltas * joins).sum(axis=0) / np.sqrt(np.maximum(k, 1))
+    eps = epsilon([(noise_multiplier, result.sample_rate, steps)], dp.delta, dp.accountant)
+    what = f"one site's DP-SGD ({steps} steps, q = {result.sample_rate:.3g})"
+    sample = "predictable from the run seed" if predictable else "secret"
+    found = _result("white-box", aware, spec.included, dp=dp, accountant_epsilon=eps,
+                    beta=beta, started=started,
+                    audited=f"{what}, per-step deltas scored over the sample replayed from the "
+                            f"run seed (sample {sample})")
+    final = _result("white-box", -deltas.sum(axis=0), spec.included, dp=dp,
+                    accountant_epsilon=eps, beta=beta, started=started,
+                    audited=f"{what}, final delta (sample {sample})")
+    return found, final
 
 
 # Black-box canary records ---------------------------------------------------------------------

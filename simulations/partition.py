@@ -7,6 +7,7 @@ Results depend only on the inputs and the seed.
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
 from collections.abc import Sequence
 
@@ -22,6 +23,26 @@ def iid(num_records: int, num_sites: int, seed: int = 0) -> list[np.ndarray]:
         raise PartitionError(f"{num_sites} sites but only {num_records} records")
     perm = np.random.default_rng(seed).permutation(num_records)
     return [np.sort(part) for part in np.array_split(perm, num_sites)]
+
+
+def iid_groups(groups: Sequence, num_sites: int, seed: int = 0) -> list[np.ndarray]:
+    """IID over groups (persons): each group's records all go to one site, the groups shuffled
+    and dealt out so that sites get about equally many records."""
+    keys = [str(g) for g in groups]
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    if num_sites > len(members):
+        raise PartitionError(f"{num_sites} sites but only {len(members)} persons")
+    order = np.random.default_rng(seed).permutation(len(members))
+    names = list(members)
+    parts: list[list[int]] = [[] for _ in range(num_sites)]
+    heap = [(0, s) for s in range(num_sites)]  # (records so far, site)
+    for j in order:  # the next person to the site with the fewest records so far
+        size, site = heapq.heappop(heap)
+        parts[site].extend(members[names[j]])
+        heapq.heappush(heap, (size + len(members[names[j]]), site))
+    return [np.sort(np.asarray(p, dtype=int)) for p in parts]
 
 
 def dirichlet(

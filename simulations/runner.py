@@ -26,11 +26,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedtune.client.budget import BudgetPlan, plan_run
+from fedtune.client.budget import BudgetPlan, UnitCounts, plan_run, unit_counts
 from fedtune.client.client_app import SiteSpec, build_client_app
 from fedtune.client.site_policy import SIMULATION_POLICY, site_run_config
 from fedtune.common.config import RunConfig, config_to_toml
-from fedtune.common.data import DataError, Record, read_label_set, read_records, write_jsonl
+from fedtune.common.data import (
+    DataError,
+    Record,
+    person_ids,
+    read_label_set,
+    read_records,
+    write_jsonl,
+)
 from fedtune.common.input_checks import (
     LengthReport,
     check_file_records,
@@ -60,6 +67,8 @@ class PreparedRun:
 
 def _partition(cfg: RunConfig, records: list[Record]) -> tuple[list[np.ndarray], list[str] | None]:
     d, n = cfg.data, cfg.federation.num_sites
+    if d.partition == "iid" and d.person_level:  # a person's records stay at one site
+        return partition.iid_groups(person_ids(records, d.privacy_unit), n, d.seed), None
     if d.partition == "iid":
         return partition.iid(len(records), n, d.seed), None
     if d.partition == "dirichlet":
@@ -73,6 +82,16 @@ def _column(rec: Record, key: str | None) -> str:
     if key not in rec.fields:
         raise DataError(f"{rec.source}:{rec.line}: missing key '{key}' needed to partition")
     return str(rec.fields[key])
+
+
+def _units(cfg: RunConfig, records: list[Record]) -> UnitCounts:
+    """A site's privacy unit and persons, as the site itself will count them."""
+    d = cfg.data
+    if d.person_level:
+        return unit_counts(d.privacy_unit, d.privacy_unit, person_ids(records, d.privacy_unit))
+    if d.person_column and all(d.person_column in r.fields for r in records):
+        return unit_counts("record", d.person_column, person_ids(records, d.person_column))
+    return UnitCounts()
 
 
 def prepare_run(cfg: RunConfig) -> PreparedRun:
@@ -94,17 +113,21 @@ def prepare_run(cfg: RunConfig) -> PreparedRun:
     sites = []
     # What the simulated sites opt into sending (common/disclosure.py)
     opted_in = frozenset({"train_loss"}) if cfg.federation.report_train_loss else frozenset()
-    planned: dict[int, BudgetPlan] = {}  # by record count: sites of equal size plan alike
+    # by record and person count: sites of equal size plan alike
+    planned: dict[tuple[int, UnitCounts], BudgetPlan] = {}
     created = not run_dir.exists()
     try:  # a run refused half-way (a site too small for its delta) leaves no run directory
         for k, idx in enumerate(parts):
             if cfg.data.max_records_per_site and len(idx) > cfg.data.max_records_per_site:
                 idx = np.sort(rng.choice(idx, cfg.data.max_records_per_site, replace=False))
-            if cfg.dp.enabled and len(idx) not in planned:  # refuse a run that cannot fit
-                planned[len(idx)] = plan_run(
+            units = _units(cfg, [train[i] for i in idx])
+            if cfg.dp.enabled and (len(idx), units) not in planned:  # refuse what cannot fit
+                size = f"{len(idx)} records" + (f", {units.persons} persons"
+                                                if units.person_level else "")
+                planned[len(idx), units] = plan_run(
                     cfg.dp, records=len(idx), batch_size=cfg.train.batch_size,
                     rounds=cfg.federation.rounds, local_steps=cfg.train.local_steps,
-                    where=f"site-{k} ({len(idx)} records): ",
+                    where=f"site-{k} ({size}): ", units=units,
                 )
             site_dir = layout.site_dir(f"site-{k}")
             write_jsonl(site_dir / "data" / "train.jsonl", [train[i].fields for i in idx])

@@ -214,3 +214,59 @@ def test_fedtune_audit_end_to_end(tmp_path: Path):
     assert report["audit"]["lower_bound"] == pytest.approx(audit["lower_bound"])
     assert "does not prove the guarantee" in report["audit"]["meaning"]
 
+
+
+# A sample predictable to the coordinator: caught by the white-box attack that knows it ---------
+
+# q = 1/50, 200 steps, sigma 1.5: the accountant (RDP, amplified by subsampling) gives eps 0.97.
+# With the sample known, a canary's score is a k-fold Gaussian, k ~ qT = 4: mu = sqrt(4)/1.5
+# ~ 1.3-GDP (eps ~ 5.5 at delta 1e-5), of which m = 1000 canaries show ~ 2.0 (1.4-2.9 in 200
+# simulated runs; 5.3 at most, every guess right). The same attack on the secret sample showed
+# at most 0.15 there, the final-delta score (mu = q sqrt(T) / sigma ~ 0.19) at most 0.54.
+KNOWN_Q_RECORDS, KNOWN_STEPS, KNOWN_SIGMA, RUN_SEED = 50, 200, 1.5, 42
+
+
+@pytest.fixture(scope="module")
+def small_q_site():
+    """MiniLM + LoRA (common.model_cache) and 50 records, batch 1: q = 1/50."""
+    from fedtune.common.config import RunConfig
+    from fedtune.common.data import Record
+    from fedtune.common.demo_data import classification_demo
+    from fedtune.common.model_cache import get_runtime
+    from fedtune.common.tasks import encode_records
+
+    labels = ["balance", "card_lost", "pin", "transfer"]
+    cfg = RunConfig.model_validate({"model": {"name": "all-minilm-l6-v2", "max_length": 24},
+                                    "data": {"labels": labels}})
+    rt = get_runtime(cfg, "classification", len(labels))
+    demo = classification_demo(KNOWN_Q_RECORDS)
+    data = encode_records([Record(r, "demo", i + 1) for i, r in enumerate(demo)], rt.tokenizer,
+                          cfg, "classification", labels)
+    return rt, data
+
+
+@pytest.mark.parametrize("predictable", [True, False], ids=["predictable", "secret"])
+def test_known_sample_attack_catches_a_predictable_sample(small_q_site, predictable: bool):
+    from fedtune.common.config import DPConfig, TrainConfig
+    from fedtune.common.lora import set_adapter
+    from fedtune.simulations.audit import audit_known_sample
+
+    rt, data = small_q_site
+    set_adapter(rt.model, rt.initial_adapter)
+    try:
+        aware, final = audit_known_sample(
+            rt.model, data, task="classification", pad_id=rt.pad_id, device=rt.device,
+            train=TrainConfig(batch_size=1, lr=0.05, optimizer="sgd"),
+            dp=DPConfig(noise_multiplier=KNOWN_SIGMA, target_epsilon=None, delta=1e-5),
+            noise_multiplier=KNOWN_SIGMA, steps=KNOWN_STEPS, run_seed=RUN_SEED,
+            predictable=predictable, m=1000)
+    finally:
+        set_adapter(rt.model, rt.initial_adapter)  # the runtime is shared within the process
+    assert 0.9 < aware.accountant_epsilon < 1.05
+    # The final-delta score (audit_local's) cannot use the sample: it passes either way.
+    assert final.passed
+    if predictable:  # a k-fold Gaussian, not amplified by subsampling: more than accounted
+        assert not aware.passed and aware.lower_bound > aware.accountant_epsilon
+        _show_fails(aware)
+    else:  # the replayed sample is unrelated to the secret one
+        assert aware.passed and aware.lower_bound < 0.5

@@ -1,0 +1,67 @@
+"""Did the run train at all? A run whose rounds all finished can still have trained nothing: every
+site refused the run, declined for lack of budget, or failed. `fedtune simulate` and `fedtune
+server` then exit non-zero with this module's message (the cause per site) instead of a summary
+of an adapter that never moved.
+
+Reads the round records of metrics.jsonl (server/recorder.py): `sites[]` holds each site that
+replied, by name, with its status and, when it did not train, its reason (the privacy gate's
+refusal or budget decline, a site policy's refusal). A site that never replied (crashed, ran out
+of memory, killed, timed out) has no entry: Flower reports such failures without the site's
+name, so the message says so and points to the log.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fedtune.common.run_layout import RunLayout
+
+NO_REPLY = ("no reply in any round: it failed before replying (an exception, out of memory, "
+            "killed) or timed out; Flower reports such a failure without the site's name, see "
+            "the log")
+
+
+def read_rounds(run_dir: Path) -> list[dict]:
+    """The round records of a run directory's metrics.jsonl (empty if there is none)."""
+    path = RunLayout(Path(run_dir)).metrics
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()
+            if line.strip().endswith("}")]
+
+
+def _order(site_id: str) -> tuple[int, str]:
+    return len(site_id), site_id
+
+
+def training_failure(metrics: list[dict], min_fit_sites: int = 1,
+                     expected_sites: list[str] | None = None) -> str | None:
+    """None if at least `min_fit_sites` sites (at least one) trained in some round; otherwise
+    what went wrong, one line per site. Rounds are the records with round > 0; a run with no
+    such record is not judged here (the callers report a run that stopped early)."""
+    rounds = [m for m in metrics if m.get("round", 0) > 0]
+    if not rounds:
+        return None
+    need = max(1, min_fit_sites)
+    trained = [sum(1 for s in m.get("sites") or [] if s.get("status") == "ok") for m in rounds]
+    if max(trained) >= need:
+        return None
+    causes: dict[str, list[str]] = {}
+    for m in rounds:
+        for s in m.get("sites") or []:
+            sid = str(s.get("site_id", "?"))
+            status = s.get("status") or "ok"
+            what = ("trained" if status == "ok"
+                    else f"{status}: {s.get('reason') or 'no reason given'}")
+            if what not in causes.setdefault(sid, []):
+                causes[sid].append(what)
+    for sid in expected_sites or []:
+        causes.setdefault(sid, [NO_REPLY])
+    n = len(rounds)
+    head = (f"no site trained in any of the {n} round(s)" if max(trained) == 0
+            else f"fewer than federation.min_fit_sites = {need} sites trained in every one of "
+                 f"the {n} round(s) (at most {max(trained)})")
+    lines = [f"  {sid}: " + "; then ".join(causes[sid]) for sid in sorted(causes, key=_order)]
+    return (f"{head}; the global adapter was not trained. Cause per site:\n"
+            + "\n".join(lines or ["  (no site replied in any round; see the log)"]))
