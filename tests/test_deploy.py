@@ -225,6 +225,11 @@ def test_unregistered_key_is_refused(ready: Deployment):
     kinds = [e["event"] for e in events]
     assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-2000:]
     assert "refused" in kinds and "connected" not in kinds
+    # The site's log says in words what a refusal means (it cannot tell "not yet" from
+    # "unknown") and that, with --max-restarts 0, it does not retry.
+    hint = next(e for e in events if e["event"] == "refused")["hint"]
+    assert "is not registered at the coordinator" in hint
+    assert "not yet" in hint and "not at all" in hint and "does not retry" in hint
     log = (deployment.root / "coordinator" / "logs" / "superlink.log").read_text(errors="replace")
     assert "No SuperNode found with the given public key" in log
 

@@ -31,8 +31,8 @@ SETTINGS = [
     "federation.num_sites=3",
     "federation.rounds=1",
     "federation.secagg_max_records=100",
-    "data.demo_records=60",
-    "data.max_eval_records=8",
+    "data.demo_records=120",
+    "data.max_eval_records=16",  # all labels in the eval file: else sites fail
 ]
 DEADLINE = 85  # seconds, from the first daemon's start until every site is connected
 
