@@ -3,6 +3,7 @@
 
     python -m benchmarks.bench_audit                          # eps 1 2 4 8, both modes
     python -m benchmarks.bench_audit --level trainer --eps 8  # one site's DP-SGD alone
+    python -m benchmarks.bench_audit --level trainer --model smollm2 --append  # MedQuAD
 
 Levels: `federated` runs `fedtune audit`'s path (Flower simulation, auditor site-0, MiniLM on
 Banking77 from ../shared/datasets if present, else fedtune's demo data); `trainer` audits one
@@ -25,6 +26,7 @@ from fedtune.common.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = Path(os.environ.get("FEDTUNE_DATASETS", REPO.parent / "shared" / "datasets"))
 MINILM = "all-minilm-l6-v2"
+SMOLLM2 = "smollm2-135m-instruct"
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
@@ -56,6 +58,24 @@ def _federated(eps: float, mode: str, m: int, args: dict, out: Path) -> dict:
                        f"steps, batch {args['batch']}"}
 
 
+def _smollm2_site(records: int):
+    """SmolLM2-135M-Instruct + LoRA (common.model_cache) on the first `records` MedQuAD
+    question/answer pairs (../shared/datasets/medquad/medquad.jsonl), max_length 64."""
+    from fedtune.common.config import RunConfig
+    from fedtune.common.data import read_records
+    from fedtune.common.model_cache import get_runtime
+    from fedtune.common.tasks import encode_records
+
+    medquad = DATASETS / "medquad" / "medquad.jsonl"
+    recs = read_records(medquad)[:records]
+    cfg = RunConfig.model_validate({"model": {"name": SMOLLM2, "max_length": 64},
+                                    "data": {"input_key": "question", "output_key": "answer"}})
+    rt = get_runtime(cfg, "causal_lm", None)
+    data = encode_records(recs, rt.tokenizer, cfg, "causal_lm", None)
+    what = f"MedQuAD (first {len(data)} records, ≤ 64 tokens)"
+    return rt.model, data, rt.pad_id, rt.device, "causal_lm", what
+
+
 def _trainer(eps: float, m: int, args: dict) -> dict:
     import torch
 
@@ -63,11 +83,28 @@ def _trainer(eps: float, m: int, args: dict) -> dict:
     from fedtune.common.config import DPConfig, LoraSettings, RunConfig, TrainConfig
     from fedtune.common.data import Record, read_records
     from fedtune.common.demo_data import classification_demo
-    from fedtune.common.lora import apply_lora
+    from fedtune.common.lora import apply_lora, set_adapter
     from fedtune.common.models import load_base_model
     from fedtune.common.privacy import calibrate_noise
     from fedtune.common.tasks import encode_records
     from fedtune.simulations.audit import audit_local
+
+    dp = DPConfig(target_epsilon=eps, delta=1e-5)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
+    if args["model"] == "smollm2":
+        model, data, pad_id, dev, task, what = _smollm2_site(args["records"])
+        initial = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+        q = poisson_sample_rate(len(data), args["batch"])
+        sigma = calibrate_noise(eps, dp.delta, q, args["steps"])
+        try:
+            r = audit_local(model, data, task=task, pad_id=pad_id, device=dev,
+                            train=TrainConfig(batch_size=args["batch"], lr=0.05,
+                                              optimizer="sgd"),
+                            dp=dp, noise_multiplier=sigma, steps=args["steps"], m=m)
+        finally:  # the cached runtime starts each ε from the initial adapter
+            set_adapter(model, [t.numpy() for t in initial])
+        return {**r.to_dict(), "data": f"SmolLM2-135M, {what}",
+                "setting": f"one site, {args['steps']} steps, q = {q:.3g}, σ = {sigma:.3g}"}
 
     banking = DATASETS / "banking77" / "train.csv"
     if banking.is_file():
@@ -84,10 +121,8 @@ def _trainer(eps: float, m: int, args: dict) -> dict:
                                      labels=labels)
     model = apply_lora(base, "classification", LoraSettings())
     data = encode_records(recs, tok, cfg, "classification", labels)
-    dp = DPConfig(target_epsilon=eps, delta=1e-5)
     q = poisson_sample_rate(len(data), args["batch"])
     sigma = calibrate_noise(eps, dp.delta, q, args["steps"])
-    torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     r = audit_local(model, data, task="classification", pad_id=tok.pad_token_id, device=dev,
                     train=TrainConfig(batch_size=args["batch"], lr=0.05, optimizer="sgd"),
                     dp=dp, noise_multiplier=sigma, steps=args["steps"], m=m)
@@ -129,6 +164,8 @@ def main(
     eps: list[float] = typer.Option([1.0, 2.0, 4.0, 8.0], "--eps"),
     modes: list[str] = typer.Option(["white-box", "black-box"], "--mode"),
     level: str = typer.Option("federated", "--level", help="federated or trainer"),
+    model: str = typer.Option("minilm", "--model",
+                              help="trainer level: minilm (Banking77) or smollm2 (MedQuAD)"),
     canaries_white: int = typer.Option(1000, "--canaries-white"),
     canaries_black: int = typer.Option(200, "--canaries-black"),
     sites: int = typer.Option(2, "--sites"),
@@ -142,7 +179,7 @@ def main(
 ) -> None:
     """Audit at each epsilon and mode; write the table to --out."""
     args = {"sites": sites, "rounds": rounds, "steps": steps, "batch": batch,
-            "records": records}
+            "records": records, "model": model}
     rows = []
     for mode in modes if level == "federated" else ["white-box"]:
         for e in eps:

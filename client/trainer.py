@@ -31,7 +31,7 @@ from fedtune.client.person_sampling import (
     set_person_grad_samples,
     site_person_groups,
 )
-from fedtune.client.randomness import site_randomness
+from fedtune.client.randomness import SiteRandomness, site_randomness
 from fedtune.common.config import DPConfig, TrainConfig
 from fedtune.common.data import EncodedDataset, PadCollator, length_chunks
 from fedtune.common.models import TaskKind
@@ -156,12 +156,9 @@ def train_local(
 ) -> TrainResult:
     """Run `steps` optimizer steps on the trainable (LoRA) parameters of `model`, in place.
 
-    `proximal_mu` > 0 adds FedProx's term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020), with
-    w_global the parameters on entry (the global adapter the site just received). Its gradient
-    mu (w - w_global) is applied after the optimizer step (with the weights of before the step),
-    so with SGD every step is exactly a gradient step on the FedProx objective; with AdamW the
-    pull is decoupled from the adaptive scaling, like AdamW's weight decay. It does not touch the
-    data, so under DP it is post-processing: outside per-sample clipping and noise, no privacy cost.
+    `proximal_mu` > 0 adds FedProx's term mu/2 ||w - w_global||^2 (Li et al., MLSys 2020),
+    w_global = the global adapter on entry, applied after each optimizer step (`_step`); it does
+    not touch the data, so under DP it is post-processing with no privacy cost.
 
     Under DP, per-example gradients come from client/linear_grad_sample.py when every trainable
     tensor belongs to an nn.Linear (LoRA, a linear head: the usual case), else from Opacus'
@@ -188,46 +185,16 @@ def train_local(
     anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else None
     optimizer = _optimizer(named, train)
     rng = site_randomness(seed, device)
-    collate: PadCollator | PersonCollator = PadCollator(pad_id)
-    units: torch.utils.data.Dataset = dataset
-    if person_level:  # the loader's items are persons; the collator brings their records
-        groups = site_person_groups(dataset)
-        units = PersonIndex(len(groups))
-        collate = PersonCollator(dataset, groups, pad_id, max_records_per_person, rng.sampler)
-    loader = torch.utils.data.DataLoader(
-        units,
-        batch_size=min(train.batch_size, len(units)),
-        shuffle=True,
-        collate_fn=collate,
-        generator=rng.sampler,  # Opacus' Poisson sampler takes the loader's generator
-    )
+    loader, collate = _site_loader(dataset, train, pad_id, rng, person_level,
+                                   max_records_per_person)
     sample_rate = 0.0
     module: torch.nn.Module = model
     linears = trainable_linears(model) if dp.enabled and grad_sample_mode == "auto" else None
     if dp.enabled:
-        engine = PrivacyEngine(accountant=dp.accountant)
-        with warnings.catch_warnings():
-            # Opacus warns about the secure RNG; fedtune documents that choice in the README.
-            warnings.simplefilter("ignore")
-            module, optimizer, loader = engine.make_private(
-                module=model,
-                optimizer=optimizer,
-                data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True,
-                noise_generator=rng.noise,
-                # "no_op": Opacus' mode for per-example gradients computed outside its hooks.
-                grad_sample_mode="hooks" if linears is None else "no_op",
-            )
+        module, optimizer, loader = _make_private(model, optimizer, loader, collate, dp=dp,
+                                                  noise_multiplier=noise_multiplier, rng=rng,
+                                                  own_grad_samples=linears is not None)
         sample_rate = float(loader.sample_rate)
-        if loader.batch_sampler.generator is not rng.sampler:
-            raise RuntimeError("Opacus' Poisson sampler does not use the site's generator")
-        # Per-example norms, clip factors and the clipped sum in float32 (bf16 models too).
-        optimizer = Fp32ClipDPOptimizer.replacing(optimizer, rng.noise)
-        # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first*
-        # Poisson batch is empty; PadCollator builds empty batches itself.
-        loader.collate_fn = collate
     # Opacus' no_op wrapper only forwards to the model (with a positional input): run the model.
     net = module if linears is None else model
     losses: list[float] = []
@@ -239,11 +206,7 @@ def train_local(
         for batch in _batches(loader, steps):
             optimizer.zero_grad(set_to_none=True)
             if canaries is not None and dp.enabled:
-                for rows in canaries.step_passes(params, sample_rate, dp.max_grad_norm):
-                    for p, g in zip(params, rows, strict=True):
-                        p.grad_sample = g
-                    _clip_into_sum(optimizer)
-            owner = batch.pop(PERSON_KEY, None)  # person-level: each row's person in the batch
+                _clip_canaries_into_sum(canaries, optimizer, params, sample_rate, dp)
             n = int(batch["input_ids"].shape[0])
             if n == 0:
                 empty += 1
@@ -252,26 +215,9 @@ def train_local(
                     p.grad_sample = torch.zeros(0, *p.shape, device=p.device, dtype=p.dtype)
                 _step(optimizer, params, anchor, proximal_mu)
                 continue
-            total = 0.0
-            by_person = dp.enabled and owner is not None
-            persons = int(owner.max()) + 1 if owner is not None else 0
-            sums: list[torch.Tensor] | None = None
-            if owner is not None:
-                batch[PERSON_KEY] = owner  # split into the chunks with the rows it names
-            chunks = length_chunks(batch, train.chunk_tokens)
-            for i, chunk in enumerate(chunks):
-                rows_owner = chunk.pop(PERSON_KEY, None)
-                chunk = {k: v.to(device) for k, v in chunk.items()}
-                loss = per_sample_loss(net, chunk, task)
-                _backward(loss, n, dp.enabled, linears is not None)
-                total += float(loss.detach().sum())
-                if by_person:  # a person's records may span chunks: clip once all are in
-                    sums = group_grad_samples(params, rows_owner, persons, sums)
-                elif dp.enabled and i < len(chunks) - 1:
-                    _clip_into_sum(optimizer)
-            if by_person:
-                assert sums is not None and owner is not None
-                set_person_grad_samples(params, sums, owner.to(sums[0].device), persons)
+            total, persons = _backward_batch(batch, net, optimizer, params, task=task,
+                                             device=device, train=train, dp=dp.enabled,
+                                             own_grad_samples=linears is not None)
             persons_seen += persons
             _step(optimizer, params, anchor, proximal_mu)
             losses.append(total / n)
@@ -285,3 +231,95 @@ def train_local(
             optimizer.zero_grad(set_to_none=True)
     mean_loss = sum(losses) / len(losses) if losses else math.nan
     return TrainResult(mean_loss, steps, seen, empty, sample_rate, rng.secret, persons_seen)
+
+
+def _site_loader(
+    dataset: EncodedDataset, train: TrainConfig, pad_id: int, rng: SiteRandomness,
+    person_level: bool, max_records_per_person: int | None,
+) -> tuple[torch.utils.data.DataLoader, PadCollator | PersonCollator]:
+    """The site's loader over records, or over persons (its collator then brings each sampled
+    person's records). Its generator is the site's sampler: Opacus' Poisson sampler takes it."""
+    collate: PadCollator | PersonCollator = PadCollator(pad_id)
+    units: torch.utils.data.Dataset = dataset
+    if person_level:
+        groups = site_person_groups(dataset)
+        units = PersonIndex(len(groups))
+        collate = PersonCollator(dataset, groups, pad_id, max_records_per_person, rng.sampler)
+    loader = torch.utils.data.DataLoader(
+        units, batch_size=min(train.batch_size, len(units)), shuffle=True, collate_fn=collate,
+        generator=rng.sampler,
+    )
+    return loader, collate
+
+
+def _make_private(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    loader: torch.utils.data.DataLoader, collate: PadCollator | PersonCollator, *,
+    dp: DPConfig, noise_multiplier: float, rng: SiteRandomness, own_grad_samples: bool,
+) -> tuple[torch.nn.Module, DPOptimizer, torch.utils.data.DataLoader]:
+    """Opacus' DP-SGD (Poisson sampling, clipping, noise) with the site's own generators and
+    float32 clipping."""
+    engine = PrivacyEngine(accountant=dp.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns about the secure RNG; fedtune documents that choice (docs/privacy.md).
+        warnings.simplefilter("ignore")
+        module, optimizer, loader = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=rng.noise,
+            # "no_op": Opacus' mode for per-example gradients computed outside its hooks.
+            grad_sample_mode="no_op" if own_grad_samples else "hooks",
+        )
+    if loader.batch_sampler.generator is not rng.sampler:
+        raise RuntimeError("Opacus' Poisson sampler does not use the site's generator")
+    # Per-example norms, clip factors and the clipped sum in float32 (bf16 models too).
+    optimizer = Fp32ClipDPOptimizer.replacing(optimizer, rng.noise)
+    # Opacus' empty-batch wrapper cannot build an empty batch of dicts when the *first* Poisson
+    # batch is empty; fedtune's collators build empty batches themselves.
+    loader.collate_fn = collate
+    return module, optimizer, loader
+
+
+def _backward_batch(
+    batch: dict[str, torch.Tensor], net: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter], *, task: TaskKind, device: torch.device,
+    train: TrainConfig, dp: bool, own_grad_samples: bool,
+) -> tuple[float, int]:
+    """Forward and backward one Poisson batch as passes of similar-length examples; under DP
+    each pass is clipped into the step's sum (person-level: once a person's records are all in).
+    Returns the batch's summed loss and its number of persons (0 at record level)."""
+    owner = batch.get(PERSON_KEY)  # person-level: each row's person in the batch
+    n = int(batch["input_ids"].shape[0])
+    by_person = dp and owner is not None
+    persons = int(owner.max()) + 1 if owner is not None else 0
+    sums: list[torch.Tensor] | None = None
+    total = 0.0
+    chunks = length_chunks(batch, train.chunk_tokens)  # PERSON_KEY splits with its rows
+    for i, chunk in enumerate(chunks):
+        rows_owner = chunk.pop(PERSON_KEY, None)
+        chunk = {k: v.to(device) for k, v in chunk.items()}
+        loss = per_sample_loss(net, chunk, task)
+        _backward(loss, n, dp, own_grad_samples)
+        total += float(loss.detach().sum())
+        if by_person:  # a person's records may span chunks: clip once all are in
+            sums = group_grad_samples(params, rows_owner, persons, sums)
+        elif dp and i < len(chunks) - 1:
+            _clip_into_sum(optimizer)
+    if by_person:
+        assert sums is not None and owner is not None
+        set_person_grad_samples(params, sums, owner.to(sums[0].device), persons)
+    return total, persons
+
+
+def _clip_canaries_into_sum(canaries: GradientCanaries, optimizer: DPOptimizer,
+                            params: list[torch.nn.Parameter], sample_rate: float,
+                            dp: DPConfig) -> None:
+    """An auditor site: the canaries this step's Poisson sample takes, clipped into its sum."""
+    for rows in canaries.step_passes(params, sample_rate, dp.max_grad_norm):
+        for p, g in zip(params, rows, strict=True):
+            p.grad_sample = g
+        _clip_into_sum(optimizer)
