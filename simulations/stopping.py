@@ -108,10 +108,12 @@ def stop_on_signal(on_stop: Callable[[str], None] | None = None) -> Iterator[Non
             if on_stop is not None:
                 on_stop(name)
         finally:
-            kill_tree(os.getpid())
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(128 + signum)
+            try:  # whatever goes wrong while stopping, the process still exits with 128 + signal
+                kill_tree(os.getpid())
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(128 + signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
