@@ -64,7 +64,9 @@ DISCLOSED: tuple[Disclosed, ...] = (
               "site's ledger and log)", "telling the coordinator which setting to change",
               "refused or declined rounds", coarsen=redact_numbers),
     Disclosed("epsilon", "ε this run has spent at the site so far, by its accountant",
-              "the coordinator's budget view; a function of σ, q, steps and δ", "DP rounds"),
+              "the coordinator's budget view; a function of σ, q, steps and δ, so with σ it "
+              "reveals q = 1/⌈units/batch⌉: at person level, roughly how many persons the site "
+              "has (at record level the record count is sent anyway)", "DP rounds"),
     Disclosed("delta", "the δ of that ε", "reading ε", "DP rounds"),
     Disclosed("noise_multiplier", "σ, the noise multiplier the site plans for the run",
               "the coordinator's view of each site's noise (utility)", "DP rounds"),

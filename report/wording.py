@@ -8,7 +8,10 @@ MECHANISM = (
     "DP-SGD (Abadi et al. 2016) as implemented by Opacus: in every local step each record joins "
     "the batch independently with probability q (Poisson sampling), each record's gradient is "
     "clipped to L2 norm C, and Gaussian noise of standard deviation σ·C is added to their sum. "
-    "Only the LoRA adapter is trained; the base model never changes."
+    "What a site trains and sends is the LoRA adapter and, in a classification run, the "
+    "classification head on top of the model (a new layer, started from the label names); both "
+    "are clipped and noised together, as one gradient. The pretrained model's own weights never "
+    "change."
 )
 
 PERSON_MECHANISM = (
