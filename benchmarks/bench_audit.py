@@ -45,8 +45,16 @@ def _federated(eps: float, mode: str, m: int, args: dict, out: Path) -> dict:
     from fedtune.simulations.audit import run_audit
 
     data, what = _data_overrides(args["records"])
+    model = [f"model.name={MINILM}", "model.max_length=32"]
+    if args["model"] == "smollm2":  # SmolLM2 on MedQuAD question -> answer, as _smollm2_site
+        records = args["records"]
+        data = [f"data.train={DATASETS / 'medquad' / 'medquad.jsonl'}",
+                "data.input_key=question", "data.output_key=answer",
+                f"data.max_records_per_site={records}"]
+        what = f"SmolLM2-135M, MedQuAD (≤ {records} records per site, ≤ 64 tokens)"
+        model = [f"model.name={SMOLLM2}", "model.max_length=64"]
     cfg = load_config(None, [
-        f"model.name={MINILM}", "model.max_length=32", f"dp.target_epsilon={eps}",
+        *model, f"dp.target_epsilon={eps}",
         f"federation.num_sites={args['sites']}", f"federation.rounds={args['rounds']}",
         f"train.local_steps={args['steps']}", f"train.batch_size={args['batch']}",
         "data.max_eval_records=32", f"output.dir={out}",
@@ -165,7 +173,7 @@ def main(
     modes: list[str] = typer.Option(["white-box", "black-box"], "--mode"),
     level: str = typer.Option("federated", "--level", help="federated or trainer"),
     model: str = typer.Option("minilm", "--model",
-                              help="trainer level: minilm (Banking77) or smollm2 (MedQuAD)"),
+                              help="minilm (Banking77) or smollm2 (MedQuAD)"),
     canaries_white: int = typer.Option(1000, "--canaries-white"),
     canaries_black: int = typer.Option(200, "--canaries-black"),
     sites: int = typer.Option(2, "--sites"),
@@ -176,16 +184,20 @@ def main(
     out: Path = typer.Option(REPO / "results" / "audit.md", "--out"),
     runs: Path = typer.Option(Path("/tmp/fedtune-bench-audit"), "--runs"),
     append: bool = typer.Option(False, "--append", help="Add a section to --out."),
+    repeat: int = typer.Option(1, "--repeat", min=1, help="Independent runs per ε (the bound "
+                               "is itself random: one row each)."),
 ) -> None:
     """Audit at each epsilon and mode; write the table to --out."""
     args = {"sites": sites, "rounds": rounds, "steps": steps, "batch": batch,
             "records": records, "model": model}
     rows = []
     for mode in modes if level == "federated" else ["white-box"]:
-        for e in eps:
+        for e, i in ((e, i) for e in eps for i in range(repeat)):
             m = canaries_white if mode == "white-box" else canaries_black
             row = (_federated(e, mode, m, args, runs) if level == "federated"
                    else _trainer(e, m, args))
+            if repeat > 1:
+                row["setting"] += f", run {i + 1} of {repeat}"
             rows.append(row)
             print(f"{mode} ε={e:g}: lower bound {row['lower_bound']:.3g} "
                   f"({row['correct']}/{row['guesses']}), {row['wall_seconds']:.0f} s", flush=True)

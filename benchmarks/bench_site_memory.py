@@ -19,55 +19,16 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+
+from fedtune.simulations.process_memory import MARKER_VAR, PeakSampler, ProcessPeak
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "site_memory.md"
 
 
-@dataclass
-class Proc:
-    kind: str  # driver, site worker, ray (GCS, raylet, agents)
-    name: str
-    peak_mb: float
-
-
-def _status_kb(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _marked(marker: bytes) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
-
-
-def _kind(pid: int, driver: int) -> tuple[str, str]:
-    try:
-        cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-    except OSError:
-        cmd = "?"
-    if pid == driver:
-        return "driver", "fedtune simulate"
-    if cmd.startswith("ray::ClientAppActor"):  # Flower's actor that runs the sites
-        return "site worker", "ray::ClientAppActor"
-    return "ray", (cmd.split()[0].rsplit("/", 1)[-1] if cmd else "?")
-
-
-def measure(model: str, sites: int, rounds: int, extra: list[str]) -> tuple[list[Proc], float]:
+def measure(model: str, sites: int, rounds: int, extra: list[str]
+            ) -> tuple[list[ProcessPeak], float]:
     """Peak RSS of each process of one run; returns them and the run's wall time."""
     marker = uuid.uuid4().hex
     out_dir = tempfile.mkdtemp(prefix="fedtune-mem-")
@@ -77,24 +38,16 @@ def measure(model: str, sites: int, rounds: int, extra: list[str]) -> tuple[list
     cmd = [sys.executable, "-m", "fedtune", "simulate"]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "FEDTUNE_MEM_MARK": marker}
+    env = {**os.environ, MARKER_VAR: marker}
     started = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
-    peaks: dict[int, tuple[str, str, int]] = {}
-    while proc.poll() is None:
-        for pid in _marked(marker.encode()):
-            hwm = _status_kb(pid, "VmHWM")
-            if hwm is None:
-                continue
-            kind, name = _kind(pid, proc.pid)
-            peaks[pid] = (kind, name, max(hwm, peaks.get(pid, ("", "", 0))[2]))
-        time.sleep(0.3)
-    err = proc.stderr.read() if proc.stderr else ""
+    with PeakSampler(marker, driver=proc.pid, interval=0.3) as sampler:
+        err = proc.stderr.read() if proc.stderr else ""
+        proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"fedtune simulate failed ({proc.returncode}):\n{err[-3000:]}")
-    procs = [Proc(k, n, kb / 1024) for k, n, kb in peaks.values()]
-    return sorted(procs, key=lambda p: -p.peak_mb), time.time() - started
+    return sampler.peaks(), time.time() - started
 
 
 def main() -> None:
@@ -105,6 +58,8 @@ def main() -> None:
     ap.add_argument("--set", dest="extra", action="append", default=[
         "train.local_steps=3", "train.batch_size=8", "data.demo_records=200"])
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--out", type=Path, default=OUT, help="the markdown table to write")
+    ap.add_argument("--append", action="store_true", help="add a section to --out")
     ap.add_argument("--verbose", action="store_true", help="every process's peak")
     a = ap.parse_args()
     command = " ".join(["python benchmarks/bench_site_memory.py", *sys.argv[1:]])
@@ -140,8 +95,10 @@ def main() -> None:
     for model, workers, driver, ray, total, wall in rows:
         lines.append(f"| {model} | {', '.join(f'{w:.0f}' for w in workers)} | {driver:.0f} | "
                      f"{ray:.0f} | {total:.0f} | {wall:.0f} |")
-    OUT.write_text("\n".join(lines) + "\n")
-    print(f"wrote {OUT}")
+    if a.append and a.out.is_file():
+        lines = [a.out.read_text().rstrip("\n"), "", "#" + lines[0], *lines[1:]]
+    a.out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

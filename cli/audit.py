@@ -59,9 +59,18 @@ def audit(
     confidence: float = typer.Option(0.95, "--confidence", min=0.5, max=0.9999,
                                      help="Confidence of the lower bound."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+    site: Path | None = typer.Option(None, "--site", help="A deployed auditor site's site.toml "
+                                     "([audit] white_box_canaries): audit its finished run "
+                                     "--run instead of simulating one."),
+    run: str | None = typer.Option(None, "--run", help="With --site: the run's name (as in its "
+                                   "ledger and `fedtune report`)."),
 ) -> None:
     """Run a federation whose site-0 is an auditor and audit it: an empirical lower bound on ε
-    next to the accountant's ε (Steinke, Nasr & Jagielski, NeurIPS 2023)."""
+    next to the accountant's ε (Steinke, Nasr & Jagielski, NeurIPS 2023). With --site, audit a
+    deployed auditor site's run instead."""
+    if site is not None or run is not None:
+        _audit_deployed_site(site, run, confidence)
+        return
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
@@ -91,6 +100,21 @@ def audit(
     except user_errors as e:
         _fail(str(e))
     show_result(result, run_dir[0] if run_dir else None)
+
+
+def _audit_deployed_site(site: Path | None, run: str | None, confidence: float) -> None:
+    """`fedtune audit --site site.toml --run RUN`: the site's own canaries, deltas and ledger."""
+    if site is None or run is None:
+        _fail("a deployed site's audit needs both --site SITE_TOML and --run RUN")
+    from fedtune.client.site_config import load_site_config
+    from fedtune.simulations.audit import AuditError, audit_site
+
+    try:
+        cfg = load_site_config(site, check_files=False)
+        result = audit_site(cfg.state_dir, cfg.site_id, run, 1 - confidence)
+    except (ConfigError, AuditError) as e:
+        _fail(str(e))
+    show_result(result, cfg.state_dir / "audit" / run)
 
 
 def register(app: typer.Typer) -> None:

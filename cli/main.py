@@ -14,10 +14,13 @@ import typer
 
 from fedtune.cli.audit import register as register_audit_command
 from fedtune.cli.certs import certs_app
-from fedtune.cli.console import console
+from fedtune.cli.console import console, err_console
 from fedtune.cli.console import fail as _fail
 from fedtune.cli.deploy import register as register_deploy_commands
+from fedtune.cli.export import register as register_export_command
+from fedtune.cli.status import register_status_command
 from fedtune.common.config import ConfigError, config_to_toml, load_config
+from fedtune.common.recipe_checks import recipe_warnings
 
 app = typer.Typer(
     help="fedtune: federated, differentially private LoRA fine-tuning of language models.",
@@ -29,6 +32,8 @@ app.add_typer(config_app, name="config")
 app.add_typer(certs_app, name="certs")
 register_deploy_commands(app)  # server, client, demo-data
 register_audit_command(app)  # audit
+register_export_command(app)  # export
+register_status_command(app)  # status
 
 CONFIG_OPT = typer.Option(None, "--config", "-c", help="Run configuration (TOML).")
 SET_OPT = typer.Option(
@@ -48,6 +53,8 @@ def config_show(config: Path | None = CONFIG_OPT, set_: list[str] | None = SET_O
     """Print the effective configuration (defaults + file + overrides) as TOML."""
     cfg = _load(config, set_)
     console.print(config_to_toml(cfg), markup=False, highlight=False, soft_wrap=True)  # TOML
+    for warning in recipe_warnings(cfg):  # on stderr: stdout stays valid TOML
+        err_console.print(f"warning: {warning}", highlight=False, markup=False)
 
 
 @app.command()
@@ -55,6 +62,12 @@ def simulate(
     config: Path | None = CONFIG_OPT,
     set_: list[str] | None = SET_OPT,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Show Flower and Ray logs."),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", metavar="HOST:PORT",
+        help="Run the sites on a running Ray cluster (its head's HOST:PORT, or 'auto') instead "
+             "of a private Ray on this machine; default: RAY_ADDRESS if set ('local': ignore "
+             "it). The cluster is left running.",
+    ),
 ) -> None:
     """Run a federated DP-LoRA fine-tuning with N simulated sites on this machine.
 
@@ -77,8 +90,10 @@ def simulate(
     from fedtune.common.models import ModelLoadError
     from fedtune.common.privacy import PrivacyBudgetError
     from fedtune.simulations.partition import PartitionError
+    from fedtune.simulations.process_memory import PeakSampler, summary_line
     from fedtune.simulations.progress import RichRoundListener, eval_line, print_summary
     from fedtune.simulations.runner import measure_lengths, prepare_run, run_prepared
+    from fedtune.simulations.runner import ray_address as ray_address_of
 
     quiet_libraries()
     user_errors = (DataError, ModelLoadError, PrivacyBudgetError, PartitionError,
@@ -100,6 +115,8 @@ def simulate(
         + f" | secure aggregation {'on' if cfg.federation.secagg else 'off'}"
     )
     console.print(eval_line(prepared.held, cfg.data.max_eval_records))
+    for warning in recipe_warnings(cfg):
+        console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"run directory: {prepared.run_dir}")
     try:
         with console.status("loading the base model (first use builds the local cache)"):
@@ -109,9 +126,11 @@ def simulate(
             lengths = measure_lengths(prepared)
         if lengths.message():
             console.print(f"[yellow]truncation:[/yellow] {lengths.message()}", highlight=False)
-        with RichRoundListener(console, cfg.federation.rounds, cfg.federation.num_sites) as bar:
+        with (PeakSampler() as memory,
+              RichRoundListener(console, cfg.federation.rounds, cfg.federation.num_sites) as bar):
             metrics = run_prepared(prepared, listener=bar, verbose=verbose,
-                                   on_stop=partial(bar.stopped, prepared.run_dir))
+                                   on_stop=partial(bar.stopped, prepared.run_dir),
+                                   address=ray_address_of(ray_address))
     except user_errors as e:
         _fail(str(e))
     from fedtune.server.outcome import training_failure
@@ -123,6 +142,8 @@ def simulate(
         _fail(f"{failure}\nsee {prepared.run_dir / 'metrics.jsonl'}", 1)
     print_summary(console, metrics, prepared.run_dir, cfg.dp.enabled,
                   batch_size=cfg.train.batch_size, local_steps=cfg.train.local_steps)
+    if line := summary_line(memory.peaks()):
+        console.print(line, highlight=False)
     finished = [m["round"] for m in metrics]
     if cfg.federation.rounds not in finished:
         _fail(f"the run stopped before round {cfg.federation.rounds}; see {prepared.run_dir}")

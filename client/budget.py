@@ -22,6 +22,7 @@ from fedtune.common.privacy import (
     PrivacyBudgetError,
     calibrate_noise,
     check_delta,
+    check_dp_range,
     epsilon,
 )
 
@@ -82,6 +83,7 @@ def plan_run(
 
     `units`: the site's persons (None: none known). At person level (`units.privacy_unit` a
     column) q is over persons (1 / ceil(persons / batch)) and δ must be below 1/persons."""
+    check_dp_range(dp.noise_multiplier, dp.target_epsilon, where)  # bounded accounting
     units = units or UnitCounts()
     if units.person_level:
         if units.persons is None:

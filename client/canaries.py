@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedtune.common.atomic import atomic_write_text
+
 # Canary rows of one clipped pass, at most this many floats (all trainable tensors together).
 _PASS_FLOATS = 4_000_000
 
@@ -49,6 +51,19 @@ class CanarySpec:
     @classmethod
     def load(cls, path: Path) -> CanarySpec:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def site_canary_spec(state_dir: Path, run_name: str, m: int) -> Path:
+    """A deployed auditor site's canary file for one run (`[audit]` in site.toml): created at
+    the run's first message with inclusion bits and coordinates from OS entropy, so that only
+    the site knows which canaries are in; reused for the rest of the run (a restart too)."""
+    path = Path(state_dir) / "audit" / run_name / "canaries.json"
+    if not path.exists():
+        rng = np.random.default_rng()
+        spec = CanarySpec([bool(b) for b in rng.random(m) < 0.5], int(rng.integers(2**31)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(asdict(spec)) + "\n")
+    return path
 
 
 def observations_path(spec_path: Path) -> Path:

@@ -9,7 +9,9 @@ Runs a Flower SuperNode for this site and keeps it running:
 - when the link to the coordinator is lost (the coordinator restarts, the network drops) the
   SuperNode gives up after `daemon.link_timeout_s`, and the daemon starts a new one after an
   exponential backoff (doubling from `daemon.initial_backoff_s` to `daemon.max_backoff_s`);
-- logs one JSON object per line on stdout (`ts`, `level`, `site`, `event`, ...);
+- logs one JSON object per line on stdout (`ts`, `level`, `site`, `event`, ...); when the link
+  fails, probes it once and says in words if TLS is the cause (`tls_mismatch`: a plaintext
+  daemon on a TLS coordinator, a foreign CA, a certificate without the dialled name);
 - on SIGTERM/SIGINT stops the SuperNode (and a ClientApp in progress) and exits 0. The privacy
   ledger commits every spend with fsync before training, and local copies are written to a
   temporary file then renamed, so stopping at any moment leaves no half-written state.
@@ -22,6 +24,8 @@ import json
 import os
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -74,6 +78,66 @@ def _classify(line: str) -> tuple[str, str] | None:
     return None
 
 
+def _host_port(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def diagnose_link(address: str, root_certificate: Path | None, insecure: bool,
+                  timeout: float = 3.0) -> str | None:
+    """Why the SuperNode cannot reach the coordinator, when the cause is TLS; None otherwise.
+
+    The SuperNode only logs "Connection attempt failed, retrying..." whatever the cause. This
+    probe opens one TCP connection and tries a TLS handshake as the SuperNode would (gRPC: ALPN
+    h2, the CA of site.toml, the coordinator's name checked), so the daemon can say which of a
+    plaintext client on a TLS coordinator, a TLS client on a plaintext coordinator, a foreign CA
+    or a certificate without the dialled name it is. An unreachable port is not diagnosed here
+    (the coordinator may simply not be up yet)."""
+    try:
+        host, port = _host_port(address)
+    except ValueError:
+        return None
+    where = f"the coordinator at {host}:{port}"
+    if insecure:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    else:
+        if root_certificate is None or not Path(root_certificate).is_file():
+            return None
+        ctx = ssl.create_default_context(cafile=str(root_certificate))
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            try:
+                with ctx.wrap_socket(raw, server_hostname=host):
+                    pass
+            except ssl.SSLCertVerificationError as e:
+                if e.verify_code == 62:  # X509_V_ERR_HOSTNAME_MISMATCH
+                    return (f"{where} presents a TLS certificate that does not name {host!r} "
+                            f"({e.verify_message}): connect with a name the coordinator's "
+                            "certificate was issued for (coordinator.address in site.toml), or "
+                            "ask its operator to add this one (`fedtune certs server --host "
+                            f"{host} --force`, then restart `fedtune server`)")
+                return (f"{where} requires TLS and its certificate is not signed by your CA "
+                        f"({e.verify_message}): set coordinator.root_certificate in site.toml "
+                        f"(now {root_certificate}) to the consortium's ca.crt, the one that "
+                        "signed the coordinator's certificate (`fedtune certs init`)")
+            except (TimeoutError, ssl.SSLError, ConnectionError) as e:
+                if insecure:
+                    return None  # not a TLS server either: something else is wrong
+                return (f"{where} does not speak TLS ({e.__class__.__name__}: {e}): it runs "
+                        "with --insecure (plaintext, test networks only), or another service "
+                        "listens on that port; check coordinator.address in site.toml")
+    except OSError:
+        return None  # nothing listens (yet): the SuperNode's retries cover it
+    if insecure:
+        return (f"{where} requires TLS, and this daemon runs with --insecure (plaintext), "
+                "which a TLS coordinator refuses: remove --insecure and set "
+                "coordinator.root_certificate (the consortium's ca.crt) and auth.private_key "
+                "(this site's key) in site.toml")
+    return None
+
+
 def _die_with_parent() -> None:
     try:
         import ctypes
@@ -98,6 +162,8 @@ class SiteDaemon:
         self.lost = threading.Event()
         # When the SuperNode started retrying the link (None: connected, or not retrying).
         self.retrying_since: float | None = None
+        # What the link probe found (diagnose_link), once per SuperNode; "" if nothing TLS
+        self.link_problem: str | None = None
         self.restarts = 0  # SuperNodes started after the first one
 
     @property
@@ -147,6 +213,7 @@ class SiteDaemon:
                 self.retrying_since = None
             elif event == "connection_retry" and self.retrying_since is None:
                 self.retrying_since = time.monotonic()
+                self._diagnose()
             elif event == "connection_ok":
                 # Without this, one transient retry (of the SuperNode, its SuperExec or a
                 # ClientApp) left the clock running, and a healthy SuperNode was restarted as
@@ -154,11 +221,27 @@ class SiteDaemon:
                 self.retrying_since = None
             elif event == "disconnected":
                 self.lost.set()  # the SuperNode gave up on the link; _wait_child restarts it
+                self._diagnose()
+                if self.link_problem:
+                    self.log(event, level, msg=line, cause=self.link_problem)
+                    continue
             elif event == "refused":
                 self.refused.set()
                 self.log("refused", "error", msg=line, hint=self.refusal_hint())
                 continue
             self.log(event, level, msg=line)
+
+    def _diagnose(self) -> None:
+        """Probe the link once per SuperNode when it fails; log a TLS mismatch in words (the
+        SuperNode only says "Connection attempt failed, retrying...")."""
+        if self.link_problem is not None:
+            return
+        c = self.cfg
+        self.link_problem = diagnose_link(c.coordinator.address, c.coordinator.root_certificate,
+                                          self.insecure) or ""
+        if self.link_problem:
+            self.log("tls_mismatch", "error", msg=self.link_problem,
+                     coordinator=c.coordinator.address)
 
     def refusal_hint(self) -> str:
         """What a refused activation means, in words. The coordinator answers the same
@@ -255,6 +338,7 @@ class SiteDaemon:
             self.refused.clear()
             self.lost.clear()
             self.retrying_since = None
+            self.link_problem = None
             started = time.monotonic()
             self.proc = subprocess.Popen(
                 self.command(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -273,7 +357,8 @@ class SiteDaemon:
             failures += 1
             self.restarts += 1
             if self.max_restarts is not None and self.restarts > self.max_restarts:
-                self.log("giving_up", "error", exit_code=rc, restarts=self.restarts - 1)
+                self.log("giving_up", "error", exit_code=rc, restarts=self.restarts - 1,
+                         **({"cause": self.link_problem} if self.link_problem else {}))
                 return EXIT_REFUSED if self.refused.is_set() else 1
             delay = min(c.daemon.max_backoff_s, c.daemon.initial_backoff_s * 2 ** (failures - 1))
             self.log("reconnecting", "warning", exit_code=rc, in_s=round(delay, 2),

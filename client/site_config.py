@@ -137,6 +137,14 @@ class SiteDisclosure(_Section):
         return frozenset(k for k, on in self.model_dump().items() if on)
 
 
+class SiteAudit(_Section):
+    """This site as an auditor (docs/privacy.md, "Empirical audit"): in every run, m gradient
+    canaries, each in with probability 1/2 (the site's secret), are clipped into its DP sum
+    like records; `fedtune audit --site site.toml --run RUN` then states the lower bound."""
+
+    white_box_canaries: int | None = Field(None, ge=2)
+
+
 class SiteConfig(_Section):
     site_id: str = Field(..., pattern=SITE_ID_PATTERN)
     # The site's private training data (.jsonl or .csv). Never leaves the site.
@@ -148,6 +156,7 @@ class SiteConfig(_Section):
     privacy: SitePrivacy = SitePrivacy()
     daemon: SiteDaemon = SiteDaemon()
     disclosure: SiteDisclosure = SiteDisclosure()
+    audit: SiteAudit = SiteAudit()
     # Torch threads for local training; 0: all cores of this machine.
     threads: int = Field(0, ge=0)
     # Keep a local copy of every update this site sends (state_dir/sent/, for audit).

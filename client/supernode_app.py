@@ -231,10 +231,13 @@ def _handle(msg: Message, context: Context) -> Message:
         return refusal
     cfg = run_config_for_site(context, site)
 
+    from fedtune.client.canaries import site_canary_spec
     from fedtune.client.client_app import SiteSpec, build_client_app  # torch, transformers, Opacus
 
-    spec = SiteSpec(site.site_id, site.data, site.state_dir, disclose=site.disclosure.keys())
     run_name = str(context.run_config.get(RUN_NAME_KEY, context.run_id))
+    m = site.audit.white_box_canaries  # an auditor site: its secret canaries for this run
+    spec = SiteSpec(site.site_id, site.data, site.state_dir, disclose=site.disclosure.keys(),
+                    canaries=site_canary_spec(site.state_dir, run_name, m) if m else None)
     built = build_client_app(cfg, lambda _ctx: spec, secagg=secagg,
                              extra_mods=[local_update_mod(site, run_name, cfg)])
     return built(msg, context)

@@ -219,6 +219,11 @@ def train_local(
                                              device=device, train=train, dp=dp.enabled,
                                              own_grad_samples=linears is not None)
             persons_seen += persons
+            if not dp.enabled:
+                # The step's gradient has norm <= C with DP off too (under DP, the mean of
+                # clipped per-example gradients does), so a recipe's step sizes keep their
+                # meaning when DP is switched off instead of blowing up on raw gradients.
+                torch.nn.utils.clip_grad_norm_(params, dp.max_grad_norm)
             _step(optimizer, params, anchor, proximal_mu)
             losses.append(total / n)
             seen += n

@@ -79,6 +79,8 @@ class DPConfig(_Section):
     noise_multiplier: float | None = Field(None, ge=0)
     target_epsilon: float | None = Field(8.0, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
+    # C: each record's gradient is clipped to L2 norm C. With DP off, each step's (mean)
+    # gradient is clipped to C as a whole, so step sizes mean the same with DP on or off.
     max_grad_norm: float = Field(1.0, gt=0)
     # Accountant that plans and enforces the budget; the ledger records both RDP and PRV.
     accountant: Literal["rdp", "prv"] = "rdp"
@@ -350,6 +352,27 @@ class OutputConfig(_Section):
     run_name: str | None = None
 
 
+class TrackingConfig(_Section):
+    """Experiment tracking: the server's per-round metrics also go to TensorBoard and/or MLflow
+    (server/tracking.py; the optional extra `pip install 'fedtune[tracking]'`). Off by default;
+    metrics.jsonl is written either way and stays the run's record."""
+
+    # true: TensorBoard event files under <run dir>/tensorboard/ (`tensorboard --logdir` it).
+    tensorboard: bool = False
+    # true: an MLflow run in a SQLite store inside the run directory (<run dir>/mlflow.db;
+    # `mlflow ui --backend-store-uri sqlite:///<run dir>/mlflow.db`).
+    mlflow: bool = False
+    # An MLflow tracking URI instead of that store (http://mlflow:5000, sqlite:///x.db);
+    # setting it turns MLflow on by itself.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = Field("fedtune", min_length=1)
+
+    @property
+    def mlflow_enabled(self) -> bool:
+        """MLflow is on: `mlflow = true` or a `mlflow_uri`."""
+        return self.mlflow or self.mlflow_uri is not None
+
+
 class RunConfig(_Section):
     """Everything a federated run needs."""
 
@@ -362,6 +385,7 @@ class RunConfig(_Section):
     federation: FederationConfig = FederationConfig()
     data: DataConfig = DataConfig()
     output: OutputConfig = OutputConfig()
+    tracking: TrackingConfig = TrackingConfig()
     seed: int = 0
 
     @model_validator(mode="after")
@@ -482,6 +506,7 @@ UNSET_MEANING = {
     "data.max_records_per_person": " (all records of each sampled person)",
     "data.person_column": (" (no person column known: a record-level report states no "
                            "group-privacy bound)"),
+    "tracking.mlflow_uri": " (with tracking.mlflow = true: sqlite:///<run dir>/mlflow.db)",
 }
 
 

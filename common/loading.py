@@ -115,9 +115,11 @@ def load(run_dir: str | Path, checkpoint: int | None = None,
                      cfg, layout.run_dir, rt.device)
 
 
-def model_card(cfg: RunConfig) -> str:
+def model_card(cfg: RunConfig, *, library_name: str = "peft", license_id: str | None = None,
+               sections: str = "", load: str | None = None) -> str:
     """The adapter's README.md (Hugging Face model card): its base model, what was trained,
-    the privacy settings of the run, and how to load it."""
+    the privacy settings of the run, and how to load it. An export (common/export.py) adds
+    its `sections` (privacy spent, sites, evaluation) and replaces the Load section."""
     from fedtune.common.tasks import resolve_task
 
     task = resolve_task(cfg)
@@ -169,7 +171,7 @@ def model_card(cfg: RunConfig) -> str:
     fed = cfg.federation
     use = ('print(run.classify(["some text"]))  # label names' if task == "classification"
            else 'print(run.generate("your prompt"))')
-    return f"""---
+    card = f"""---
 base_model: {base}
 library_name: peft
 tags:
@@ -205,3 +207,7 @@ run = fedtune.load("path/to/run")  # the run directory: this folder's parent
  "Plain PEFT also works: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
  "this_folder)`, with the base above."}
 """
+    if load is not None:
+        card = card.split("\n## Load\n", 1)[0] + sections + "\n## Load\n\n" + load
+    front = (f"license: {license_id}\n" if license_id else "") + f"library_name: {library_name}\n"
+    return card.replace("library_name: peft\n", front, 1)

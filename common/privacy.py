@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import opacus
 from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+from opacus.accountants.analysis.prv import PoissonSubsampledGaussianPRV
 
 from fedtune.common.atomic import atomic_write_text
 from fedtune.common.models import default_cache_dir
@@ -40,6 +40,35 @@ def check_delta(delta: float, records: int, where: str = "", unit: str = "record
             f"{where}dp.delta = {delta:g} is not below "
             f"1/{unit} = 1/{records} = {1 / records:.3g}; "
             f"choose dp.delta < {1 / records:.3g} (e.g. {10 ** -(len(str(records)) + 1):g})"
+        )
+
+
+# The DP settings a run may ask for. Below sigma = 0.1 or above a target of 1000 the guarantee says
+# nothing (epsilon in the hundreds or more) while its accounting grows without bound: PRV's grid
+# grows as ~1/sigma^2 (sigma = 0.001 asked for 21.7 GB and a site was killed out of memory) and
+# calibrating a huge target probes ever smaller sigmas.
+MIN_NOISE_MULTIPLIER = 0.1
+MAX_TARGET_EPSILON = 1000.0
+
+
+def check_dp_range(noise_multiplier: float | None, target_epsilon: float | None,
+                   where: str = "") -> None:
+    """Refuse dp.noise_multiplier below MIN_NOISE_MULTIPLIER and dp.target_epsilon above
+    MAX_TARGET_EPSILON (checked before any accounting, by the CLI and by each site's plan)."""
+    problems = []
+    if noise_multiplier is not None and noise_multiplier < MIN_NOISE_MULTIPLIER:
+        problems.append(f"dp.noise_multiplier = {noise_multiplier:g} is below "
+                        f"{MIN_NOISE_MULTIPLIER:g} (allowed: dp.noise_multiplier >= "
+                        f"{MIN_NOISE_MULTIPLIER:g})")
+    if target_epsilon is not None and target_epsilon > MAX_TARGET_EPSILON:
+        problems.append(f"dp.target_epsilon = {target_epsilon:g} is above "
+                        f"{MAX_TARGET_EPSILON:g} (allowed: 0 < dp.target_epsilon <= "
+                        f"{MAX_TARGET_EPSILON:g})")
+    if problems:
+        raise PrivacyBudgetError(
+            f"{where}{'; '.join(problems)}. Such settings give no meaningful guarantee and "
+            "their privacy accounting needs unbounded memory and time; for training without "
+            "privacy set dp.enabled = false"
         )
 
 
@@ -96,14 +125,42 @@ def _epsilon(steps: tuple[Mechanism, ...], delta: float, accountant: str) -> flo
     eps_error = min(0.01, max(1e-4, 0.002 * eps_rdp))
     prv = PRVAccountant()
     prv.history = list(steps)
+    eps_error = _bounded_prv_error(prv, delta, eps_error)
+    if eps_error is None:  # even a coarse grid would not fit: RDP's bound still holds
+        return eps_rdp
     with np.errstate(divide="ignore", invalid="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # q = 1 makes Opacus' PRV take log(0) harmlessly
         try:
             return min(eps_rdp, float(prv.get_epsilon(delta=delta, eps_error=eps_error)))
-        except (ValueError, MemoryError, OverflowError):
-            # PRV's grid cannot cover extreme mechanisms (e.g. almost no noise): RDP's bound
-            # still holds, so report it rather than nothing.
+        except (ValueError, MemoryError, OverflowError, RuntimeError):
+            # PRV's grid cannot cover extreme mechanisms (e.g. almost no noise), nor place ε
+            # on a coarsened grid ("Cannot compute epsilon"): RDP's bound still holds, so
+            # report it rather than nothing.
             return eps_rdp
+
+
+# PRV discretises the privacy loss on a grid of 2L / mesh points (Opacus' `_get_domain`): L grows
+# with the mechanism's RDP epsilon (~1/sigma^2), the mesh shrinks with eps_error and sqrt(steps).
+# Measured ~67 bytes per point at the peak (tracemalloc): sigma = 0.001, q = 0.2, 4 steps asks for
+# 2.9e9 points, 21.7 GB. 2e6 points: ~130 MB traced, ~350 MB of resident memory.
+PRV_MAX_POINTS = 2_000_000
+
+
+def _bounded_prv_error(prv: PRVAccountant, delta: float, eps_error: float) -> float | None:
+    """The eps_error to run `prv` with so that its grid has at most PRV_MAX_POINTS points: the
+    asked one, a coarser one (a looser upper bound, still a guarantee), or None if no error
+    fits (L also grows with the error)."""
+    prvs = [PoissonSubsampledGaussianPRV(q, s) for s, q, _ in prv.history]
+    counts = [n for _, _, n in prv.history]
+
+    def points(err: float) -> int:
+        return prv._get_domain(prvs, counts, eps_error=err, delta_error=delta / 1000).size
+
+    n = points(eps_error)
+    if n <= PRV_MAX_POINTS:
+        return eps_error
+    coarse = eps_error * n / PRV_MAX_POINTS * 1.01
+    return coarse if points(coarse) <= PRV_MAX_POINTS else None
 
 
 def epsilons(history: Sequence[Mechanism], delta: float) -> dict[str, float]:
@@ -130,7 +187,7 @@ def calibrate_noise(
         eps = epsilon([(cached, sample_rate, steps)], delta, accountant)
         if target_epsilon - CALIBRATION_TOLERANCE <= eps <= target_epsilon:
             return cached
-    sigma = _opacus_calibration(target_epsilon, delta, sample_rate, steps, accountant)
+    sigma = _bisect_noise_multiplier(target_epsilon, delta, sample_rate, steps, accountant)
     with contextlib.suppress(OSError):  # a read-only cache only costs the next run time
         atomic_write_text(path, json.dumps({**_read_noise_cache(path), key: sigma}, indent=0))
     return sigma
@@ -153,27 +210,39 @@ def _read_noise_cache(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _opacus_calibration(
+def _bisect_noise_multiplier(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
 ) -> float:
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Optimal order is the")  # still a bound
-            return float(
-                get_noise_multiplier(
-                    target_epsilon=target_epsilon,
-                    target_delta=delta,
-                    sample_rate=sample_rate,
-                    steps=steps,
-                    accountant=accountant,
-                    epsilon_tolerance=CALIBRATION_TOLERANCE,
-                )
+    """Opacus' `get_noise_multiplier` bisection (same bracket, tolerance and steps), evaluated
+    with `epsilon` above, whose PRV grid is bounded: Opacus' own PRV accountant would build a
+    grid of unbounded size for the small noise multipliers a large target probes. At most
+    `_MAX_BISECTIONS` steps (float64 has run out of resolution by then); the noise returned
+    always has epsilon <= target."""
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"unknown accountant {accountant!r}; choose one of {ACCOUNTANTS}")
+    sigma_low, sigma_high, eps_high = 0.0, 10.0, math.inf
+    while eps_high > target_epsilon:
+        sigma_high *= 2
+        eps_high = epsilon([(sigma_high, sample_rate, steps)], delta, accountant)
+        if sigma_high > _MAX_SIGMA:
+            raise PrivacyBudgetError(
+                f"cannot reach epsilon {target_epsilon} with {steps} steps at sample rate "
+                f"{sample_rate:.4g}: The privacy budget is too low."
             )
-    except ValueError as e:
-        raise PrivacyBudgetError(
-            f"cannot reach epsilon {target_epsilon} with {steps} steps at sample rate "
-            f"{sample_rate:.4g}: {e}"
-        ) from None
+    for _ in range(_MAX_BISECTIONS):
+        if target_epsilon - eps_high <= CALIBRATION_TOLERANCE:
+            break
+        sigma = (sigma_low + sigma_high) / 2
+        eps = epsilon([(sigma, sample_rate, steps)], delta, accountant)
+        if eps < target_epsilon:
+            sigma_high, eps_high = sigma, eps
+        else:
+            sigma_low = sigma
+    return float(sigma_high)
+
+
+_MAX_SIGMA = 1e6  # Opacus' MAX_SIGMA
+_MAX_BISECTIONS = 100
 
 
 @dataclass(frozen=True)

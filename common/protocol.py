@@ -10,6 +10,7 @@ from __future__ import annotations
 RUN_CONFIG_KEY = "fedtune-config"  # the effective RunConfig, as JSON
 RUN_NAME_KEY = "fedtune-run-name"  # the run directory's name at the coordinator
 RESUME_KEY = "fedtune-resume"  # true: continue the run after its last completed round
+SITE_NODES_KEY = "fedtune-site-nodes"  # {node id: site name} of the registered sites, as JSON
 NODE_CONFIG_KEY = "site-config"  # SuperNode node config: path of the site's site.toml
 FITRES_PARAMETERS = "fitres.parameters"  # where Flower's legacy FitRes keeps the arrays
 

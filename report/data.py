@@ -46,6 +46,15 @@ def read_metrics(run_dir: Path | None) -> list[dict]:
     return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
+def retried_rounds(round_numbers: list[int]) -> list[dict]:
+    """[{round, retries}] of the rounds a run's ledger holds more than once: a retried round
+    (a coordinator restart, a resumed run) is a second spend, and the ledger counts both."""
+    counts: dict[int, int] = {}
+    for r in round_numbers:
+        counts[r] = counts.get(r, 0) + 1
+    return [{"round": r, "retries": n - 1} for r, n in sorted(counts.items()) if n > 1]
+
+
 def _round_dict(row: LedgerRow, run_history: list, site_history: list) -> dict:
     d = asdict(row)
     if row.epsilon_run_prv is None or row.epsilon_run_rdp is None:  # pre-PRV ledger rows
@@ -82,7 +91,8 @@ def _site_report(ledger: PrivacyLedger, site_id: str, focus_run: str | None,
             "run_id": run_id,
             "plan": asdict(plan) if plan else None,
             "rounds": run_rows,
-            "rounds_trained": len(run_rows),
+            "rounds_trained": len(run_rows),  # every attempt: a retried round counts again
+            "retried": retried_rounds([r["round"] for r in run_rows]),
             "payloads": run_payloads,
             "declines": [asdict(d) for d in declines if d.run_id == run_id],
             "epsilon_rdp": last["epsilon_run_rdp"] if last else 0.0,
@@ -178,7 +188,8 @@ def _warnings(sites: list[dict], central: dict | None) -> list[dict]:
                 )})
         if s["budget_max_epsilon"] is None and any(r["rounds"] for r in s["runs"]):
             out.append({"site": sid, "message": (
-                f"{sid} has no lifetime budget (dp.max_epsilon): every new run adds to its ε"
+                f"{sid} has no lifetime budget (site.toml [privacy] max_epsilon; in a "
+                "simulation dp.max_epsilon): every new run adds to its ε"
             )})
         person_level = s["privacy_unit"] != "record" and s["persons"]
         count, noun = (s["persons"], "persons") if person_level else (s["records"], "records")

@@ -85,7 +85,7 @@ def _sites_table(report: dict) -> str:
             _f(s.get("persons")), _group_cell(s), _f(s["delta"]), escape(acc.upper()),
             _f(plan.get("noise_multiplier")), _f(plan.get("sample_rate")),
             _f(plan.get("max_grad_norm")), _f(plan.get("steps_per_round")),
-            _f(plan.get("rounds")), _f(run["rounds_trained"] if run else 0),
+            _f(plan.get("rounds")), escape(wording.rounds_label(run)),
             _f(run["epsilon_rdp"] if run else None), _f(run["epsilon_prv"] if run else None),
             _f(s["epsilon_total"][acc]),
             _f(s["budget_max_epsilon"]) if s["budget_max_epsilon"] else "none",
@@ -106,22 +106,24 @@ def _site_rounds(site: dict) -> str:
     run = _focus(site)
     if run is None:
         return ""
-    by_round: dict[int, dict] = {}
-    for r in run["rounds"]:
-        by_round.setdefault(r["round"], {})["row"] = r
-    for p in run["payloads"]:
-        by_round.setdefault(p["round"], {})["payload"] = p
-    for d in run["declines"]:
-        by_round.setdefault(d["round"], {})["decline"] = d
+    # One line per attempt: a retried round is in the ledger twice (both spends count).
+    by_round: dict[tuple[int, int], dict] = {}
+    for kind, items in (("row", run["rounds"]), ("payload", run["payloads"]),
+                        ("decline", run["declines"])):
+        attempts: dict[int, int] = {}
+        for x in items:
+            n = attempts[x["round"]] = attempts.get(x["round"], 0) + 1
+            by_round.setdefault((x["round"], n), {})[kind] = x
     rows = []
-    for rnd in sorted(by_round):
-        e = by_round[rnd]
+    for rnd, attempt in sorted(by_round):
+        e = by_round[(rnd, attempt)]
         row, pay = e.get("row"), e.get("payload")
         status = pay["status"] if pay else ("declined" if "decline" in e else
                                             "accounted, nothing sent")
         match = pay.get("matches_server") if pay else None
         rows.append([
-            str(rnd), escape(status), _f(row["steps"] if row else None),
+            str(rnd) + (f" (retry {attempt - 1})" if attempt > 1 else ""), escape(status),
+            _f(row["steps"] if row else None),
             _f(row["epsilon_run_rdp"] if row else None),
             _f(row["epsilon_run_prv"] if row else None),
             _f(row["epsilon_total_rdp"] if row else None),

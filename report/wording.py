@@ -71,6 +71,20 @@ def _weak(eps: float) -> str:
             "protection." if eps > WEAK else "")
 
 
+def retries(run: dict | None) -> str:
+    """The rounds a run retried, in words ("round 2 retried once"), or ""."""
+    parts = [f"round {r['round']} retried " + ("once" if r["retries"] == 1
+                                                else f"{r['retries']} times")
+             for r in (run or {}).get("retried") or []]
+    return ", ".join(parts)
+
+
+def rounds_label(run: dict | None) -> str:
+    """Rounds trained, retries said: "3 (round 2 retried once)"; a retry is a second spend."""
+    n = run["rounds_trained"] if run else 0
+    return f"{n} ({retries(run)})" if retries(run) else str(n)
+
+
 def sample_level(site: dict, run: dict | None, eps: float) -> str:
     """One site's sample-level guarantee over the whole run (all rounds composed)."""
     sid, delta = site["site_id"], site["delta"]
@@ -93,7 +107,9 @@ def sample_level(site: dict, run: dict | None, eps: float) -> str:
                               "any one person's records were")
     return (
         f"Guarantee {one}. For {who}, the model updates {sid} sent during this run "
-        f"({rounds} round{'s' if rounds != 1 else ''}, all composed) satisfy "
+        f"({rounds} round{'s' if rounds != 1 else ''}"
+        + (f" — {retries(run)}, each attempt counted —" if retries(run) else ",")
+        + " all composed) satisfy "
         f"(ε = {eps:.3g}, δ = {delta:g})-differential privacy: for any set of possible "
         f"updates, the probability that they fall in it with {with_it} in {sid}'s data is at "
         f"most e^ε = {_odds(eps)} times the probability without it, plus δ = {delta:g}. In "

@@ -42,6 +42,7 @@ import tomli_w
 from fedtune.common.run_layout import RunLayout
 from fedtune.server.certs import CertPaths, load_public_key, registered_keys
 from fedtune.server.deployment_run import PreparedDeployment, write_flower_app
+from fedtune.server.run_log import RunLogFile
 
 CONNECTION = "fedtune"  # name of the SuperLink connection in FLWR_HOME/config.toml
 
@@ -152,6 +153,7 @@ class Coordinator:
         self.say = say
         self.superlink: subprocess.Popen | None = None
         self._log_fh = None
+        self._run_log: RunLogFile | None = None  # run_dir/server.log, appended to
         self._started_at, self._started_wall = time.monotonic(), time.time()
         self.registration_s = 0.0  # start-up time spent registering the keys before the Fleet API
         self.certs = CertPaths(Path(opts.certs_dir))
@@ -221,9 +223,16 @@ class Coordinator:
         self._write_flwr_config()
         if self._log_fh is None:
             self._log_fh = open(o.log_path, "ab")
+        # gRPC's default verbosity keeps gRPC's line on a failed TLS handshake, e.g. a plaintext
+        # site (server/run_log.py). Flower sets GRPC_VERBOSITY=error in any process that imports
+        # it (this one, or the one that started it), which hides that line: "error" is replaced,
+        # any other value an operator sets is kept.
+        verbosity = os.environ.get("GRPC_VERBOSITY", "")
+        grpc_log = {"GRPC_VERBOSITY": "" if verbosity.lower() == "error" else verbosity}
         return subprocess.Popen(
             self.superlink_command(fleet_address), stdout=self._log_fh,
-            stderr=subprocess.STDOUT, env=child_env(o.flwr_home, o.extra_env), cwd=o.state_dir,
+            stderr=subprocess.STDOUT, env=child_env(o.flwr_home, {**grpc_log, **o.extra_env}),
+            cwd=o.state_dir,
             preexec_fn=_die_with_parent,
         )
 
@@ -312,18 +321,37 @@ class Coordinator:
         """Sites the SuperLink lists as online whose last sign of life (activation or heartbeat)
         predates this SuperLink: left over from before a coordinator restart."""
         from flwr.common.constant import HEARTBEAT_PATIENCE
+
+        return [self._node_name(n) for n in self._list_nodes()
+                if n.status == "online"
+                and n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval
+                < self._started_wall - 1.0]
+
+    def _list_nodes(self) -> list:
+        """The SuperLink's NodeInfo of every registered (or, without authentication, connected)
+        SuperNode."""
         from flwr.proto.control_pb2 import ListNodesRequest
 
         client = self._control_client()
         try:
-            res = client.ListNodes(ListNodesRequest())
+            return list(client.ListNodes(ListNodesRequest()).nodes_info)
         finally:
             client.close()
-        return [f"node {n.node_id}" if n.owner_name in ("", "none") else n.owner_name
-                for n in res.nodes_info
-                if n.status == "online"
-                and n.online_until - HEARTBEAT_PATIENCE * n.heartbeat_interval
-                < self._started_wall - 1.0]
+
+    @staticmethod
+    def _node_name(n) -> str:
+        """The site name a node's key was registered under (`fedtune certs register SITE`)."""
+        return n.name or f"node {n.node_id}"
+
+    def site_nodes(self) -> dict[int, str]:
+        """{node id: site name} of the registered sites: the ServerApp names a site that drops
+        out of a round by it (server/participation.py). Empty without site authentication."""
+        if self.opts.insecure:
+            return {}
+        try:
+            return {int(n.node_id): n.name for n in self._list_nodes() if n.name}
+        except Exception:  # noqa: BLE001 - without it, dropouts are named by node id
+            return {}
 
     def wait_for_stale_nodes(self, patience_s: float = 65.0, poll_s: float = 2.0) -> None:
         """After a restart, wait until no site is listed online from before it (each has sent a
@@ -347,6 +375,7 @@ class Coordinator:
 
     # -- the run -----------------------------------------------------------------------------
     def submit(self, prepared: PreparedDeployment) -> int:
+        prepared.site_nodes = prepared.site_nodes or self.site_nodes()
         app_dir = write_flower_app(self.opts.state_dir / "apps" / prepared.run_name, prepared)
         res = self.flwr("run", str(app_dir.resolve()), CONNECTION, "--format", "json")
         info = _json_tail(res.stdout)
@@ -386,8 +415,10 @@ class Coordinator:
         return f"{st.status}:{st.sub_status}" if st.sub_status else st.status
 
     def follow(self, run_id: int, prepared: PreparedDeployment,
-               on_round: Callable[[dict], None], poll_s: float = 3.0) -> str:
-        """Wait for the run to finish; call `on_round` for each new metrics record."""
+               on_round: Callable[[dict], None], poll_s: float = 3.0,
+               on_poll: Callable[[str], None] | None = None) -> str:
+        """Wait for the run to finish; call `on_round` for each new metrics record and
+        `on_poll` with Flower's run status at every poll (server/status_file.py)."""
         metrics_path = RunLayout(prepared.run_dir).metrics
         # Lines already shown (a resumed run's file holds earlier rounds, and is rewritten once
         # when the ServerApp drops an interrupted round's line): shown once, by content.
@@ -416,6 +447,8 @@ class Coordinator:
                 status = self.run_status(run_id)
             except Exception as e:  # noqa: BLE001 - a transient Control API error: retry
                 status = f"unknown ({e})"
+            if on_poll is not None:
+                on_poll(status)
             if status.startswith("finished"):
                 show_new()  # the last round's record
                 return status
@@ -427,14 +460,33 @@ class Coordinator:
                 )
             time.sleep(poll_s)
 
-    def save_run_log(self, run_id: int, prepared: PreparedDeployment) -> Path | None:
-        """The ServerApp's log (kept by the SuperLink) as run_dir/server.log."""
+    def catch_up_run_log(self, prepared: PreparedDeployment) -> int:
+        """On resume: copy into server.log the lines of the previous start's Flower run that
+        it had not copied when it stopped (the SuperLink's database keeps them); returns how
+        many."""
+        prev = RunLogFile.last_in(prepared.run_dir / "server.log")
+        if prev is None:
+            return 0
+        try:
+            res = self.flwr("log", str(prev.flower_run_id), CONNECTION, "--show", timeout=30)
+        except subprocess.TimeoutExpired:
+            return 0
+        return prev.sync(res.stdout, final=True) if res.returncode == 0 else 0
+
+    def save_run_log(self, run_id: int, prepared: PreparedDeployment, *,
+                     final: bool = True) -> Path | None:
+        """Append what is new in the ServerApp's log (kept by the SuperLink) to
+        run_dir/server.log (server/run_log.py): after every round, and at the end (`final`)."""
         res = self.flwr("log", str(run_id), CONNECTION, "--show", timeout=60)
         if res.returncode != 0:
             return None
-        path = prepared.run_dir / "server.log"
-        path.write_text(res.stdout)
-        return path
+        if self._run_log is None or self._run_log.flower_run_id != run_id:
+            done = prepared.resumed_after
+            note = ("resumed: " + (f"rounds 1..{done} completed before" if done
+                                   else "no round completed before")) if prepared.resume else ""
+            self._run_log = RunLogFile(prepared.run_dir / "server.log", run_id, note)
+        self._run_log.sync(res.stdout, final=final)
+        return self._run_log.path
 
     def stop(self) -> None:
         stop_process(self.superlink)

@@ -16,6 +16,10 @@ from pathlib import Path
 from fedtune.common.config import RunConfig
 from fedtune.server.coordinator import Coordinator, CoordinatorOptions
 from fedtune.server.deployment_run import PreparedDeployment, prepare_deployment
+from fedtune.server.participation import describe_participation
+from fedtune.server.run_log import HandshakeWatch
+from fedtune.server.status_file import StatusFile, control_nodes
+from fedtune.server.tracking import check_tracking
 
 Say = Callable[[str], None]
 ALREADY_COMPLETE = "finished:completed (before this start)"
@@ -24,6 +28,7 @@ ALREADY_COMPLETE = "finished:completed (before this start)"
 def open_run(cfg: RunConfig, opts: CoordinatorOptions, *, resume: bool,
              say: Say) -> tuple[Coordinator, dict[str, Path], PreparedDeployment]:
     """Check the certificates and site keys, then prepare (or reopen) the run directory."""
+    check_tracking(cfg)  # a [tracking] key on without its library: refused at the start
     coord = Coordinator(opts, say=say)
     keys = coord.check()
     return coord, keys, prepare_deployment(cfg, resume=resume)
@@ -31,7 +36,7 @@ def open_run(cfg: RunConfig, opts: CoordinatorOptions, *, resume: bool,
 
 def describe_round(rec: dict) -> str:
     """One console line per round: held-out metrics, then each site's epsilon (or, for a site
-    that refused or declined, its status and reason)."""
+    that refused or declined, its status and reason), then the sites that dropped out of it."""
     sites = rec.get("sites") or []
     eps = [f"{s.get('site_id')}: {s['status']} ({s.get('reason', '')})"
            if s.get("status") not in (None, "ok")
@@ -39,7 +44,10 @@ def describe_round(rec: dict) -> str:
            if "epsilon" in s or s.get("status") not in (None, "ok")]
     ev = rec.get("eval", {})
     main = ", ".join(f"{k}={v:.4g}" for k, v in ev.items() if isinstance(v, (int, float)))
-    return f"round {rec['round']}: {main}" + (f" | {'; '.join(eps)}" if eps else "")
+    dropped = (rec.get("participation") or {}).get("dropped") or {}
+    gone = describe_participation({"dropped": dropped})  # declines/refusals: in `eps` above
+    return (f"round {rec['round']}: {main}" + (f" | {'; '.join(eps)}" if eps else "")
+            + (f" | {gone}" if gone else ""))
 
 
 def serve(coord: Coordinator, keys: dict[str, Path], prepared: PreparedDeployment, *,
@@ -63,6 +71,12 @@ def serve(coord: Coordinator, keys: dict[str, Path], prepared: PreparedDeploymen
     signal.signal(signal.SIGTERM, _term)
     opts = coord.opts
     status = "not started"
+    # <run_dir>/status.json for `fedtune status`: sites connected, last round, what it waits for
+    live = StatusFile(prepared.run_dir, prepared.run_name, c, sorted(keys),
+                      nodes=lambda: control_nodes(coord))
+    live.update(state="starting")
+    # A plaintext site is refused inside gRPC: said in words from the SuperLink's log
+    tls_watch = None if opts.insecure else HandshakeWatch(opts.log_path, warn, opts.fleet_address)
     try:
         # The keys are registered before the Fleet API opens: a site started before the
         # coordinator is never refused for a key registered a moment too late.
@@ -74,15 +88,29 @@ def serve(coord: Coordinator, keys: dict[str, Path], prepared: PreparedDeploymen
             f"Control API {opts.control_address}; log {opts.log_path}"
             + (f"; site keys registered before the Fleet API opened "
                f"({coord.registration_s:.1f} s)" if registered else ""))
+        if prepared.resume:  # what the previous start logged after its last copy
+            coord.catch_up_run_log(prepared)
         coord.wait_for_stale_nodes()  # after a restart: sites listed online from before it
         run_id = coord.submit(prepared)
+        live.submitted(run_id)
         say(f"Flower run {run_id} submitted; waiting for {c.federation.num_sites} sites")
-        status = coord.follow(run_id, prepared, lambda rec: say(describe_round(rec)))
+
+        def on_round(rec: dict) -> None:
+            say(describe_round(rec))
+            coord.save_run_log(run_id, prepared, final=False)  # server.log up to this round
+
+        def on_poll(flower_status: str) -> None:
+            live.update(flower_status)
+            if tls_watch is not None:
+                tls_watch.poll()
+
+        status = coord.follow(run_id, prepared, on_round, on_poll=on_poll)
         if (log := coord.save_run_log(run_id, prepared)) is not None:
             say(f"ServerApp log: {log}")
     except KeyboardInterrupt:
         warn("interrupted: stopping the SuperLink")
         status = "interrupted"
     finally:
+        live.close(status)
         coord.stop()
     return status

@@ -9,7 +9,8 @@ configuration as JSON (common/protocol.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
@@ -22,6 +23,7 @@ from fedtune.common.protocol import (
     RUN_CONFIG_KEY,
     RUN_NAME_KEY,
     SERVER_APP_COMPONENT,
+    SITE_NODES_KEY,
 )
 from fedtune.common.run_layout import RunLayout, claim_run_dir, new_run_name
 from fedtune.common.splits import load_source, split_eval
@@ -38,6 +40,8 @@ class PreparedDeployment:
     eval_path: Path
     resume: bool = False  # `--resume`: continue after the last completed round
     resumed_after: int | None = None  # that round (None: none completed, start at round 1)
+    # {node id: site name} of the registered sites (server/participation.py names dropouts)
+    site_nodes: dict[int, str] = field(default_factory=dict)
 
 
 def deployment_config(cfg: RunConfig) -> RunConfig:
@@ -163,6 +167,7 @@ def write_flower_app(directory: Path, prepared: PreparedDeployment) -> Path:
                 RUN_CONFIG_KEY: prepared.cfg.model_dump_json(),
                 RUN_NAME_KEY: prepared.run_name,
                 RESUME_KEY: prepared.resume,
+                SITE_NODES_KEY: json.dumps({str(k): v for k, v in prepared.site_nodes.items()}),
             },
         }}},
     }

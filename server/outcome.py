@@ -22,6 +22,24 @@ NO_REPLY = ("no reply in any round: it failed before replying (an exception, out
             "the log")
 
 
+# A site that failed without replying (its worker died): the error text carries the tag, its
+# name and the cause, so the round record and the final message can name it.
+SITE_FAILED_TAG = "fedtune-site-failed"
+
+
+def site_failure_message(site_id: str, cause: str) -> str:
+    return f"{SITE_FAILED_TAG} [{site_id}] {cause}"
+
+
+def parse_site_failure(text: str) -> tuple[str, str] | None:
+    """(site_id, cause) from an error text made by `site_failure_message`, else None."""
+    _, tag, rest = str(text).partition(SITE_FAILED_TAG + " [")
+    site_id, sep, cause = rest.partition("] ")
+    if not tag or not sep:
+        return None
+    return site_id, cause.removesuffix("'>").strip()
+
+
 def read_rounds(run_dir: Path) -> list[dict]:
     """The round records of a run directory's metrics.jsonl (empty if there is none)."""
     path = RunLayout(Path(run_dir)).metrics
@@ -54,6 +72,13 @@ def training_failure(metrics: list[dict], min_fit_sites: int = 1,
             status = s.get("status") or "ok"
             what = ("trained" if status == "ok"
                     else f"{status}: {s.get('reason') or 'no reason given'}")
+            if what not in causes.setdefault(sid, []):
+                causes[sid].append(what)
+        dropped = (m.get("participation") or {}).get("dropped") or {}
+        for key, reason in dropped.items():  # failed without a reply: a dead worker, a timeout
+            named = parse_site_failure(str(reason))
+            sid, what = (named[0], f"failed: {named[1]}") if named else (str(key),
+                                                                         f"dropped: {reason}")
             if what not in causes.setdefault(sid, []):
                 causes[sid].append(what)
     for sid in expected_sites or []:

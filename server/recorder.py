@@ -18,6 +18,7 @@ from fedtune.common.model_cache import ModelRuntime
 from fedtune.common.run_layout import RunLayout
 from fedtune.common.tasks import evaluate
 from fedtune.server.divergence import DivergenceWatch
+from fedtune.server.participation import RoundParticipation
 
 
 class RoundListener(Protocol):
@@ -56,6 +57,7 @@ class RunRecorder:
         evaluate_every: int = 1,
         model_card: str | None = None,
         divergence: DivergenceWatch | None = None,
+        node_names: dict[int, str] | None = None,
     ) -> None:
         self.model_card = model_card  # the adapter's README.md (common/loading.py)
         self.divergence = divergence  # server/divergence.py: a finding goes into the record
@@ -74,10 +76,14 @@ class RunRecorder:
         self._central_dp: dict[int, dict] = {}
         self._aggregation: dict[int, dict] = {}
         self._checkpoint_seconds: dict[int, float] = {}
+        # Which sites trained, declined, were refused or dropped out, by name (node id -> name:
+        # the coordinator's registrations, then the replies)
+        self.participation = RoundParticipation(node_names)
 
     def fit_config(self, server_round: int, *, num_rounds: int, local_steps: int) -> dict:
         """Sent to every sampled site with the global adapter (Flower's on_fit_config_fn)."""
         self._round_started[server_round] = time.time()
+        self.participation.round = server_round
         self.listener.round_started(server_round)
         return {
             "run_id": self.run_id,
@@ -151,6 +157,8 @@ class RunRecorder:
                 float(sum(m["train_loss"] * int(m["records"]) for m in trained) / n) if n else None
             ),
             "sites": sites,
+            **({"participation": self.participation.for_round(server_round, sites)}
+               if server_round > 0 else {}),
             "round_seconds": (
                 time.time() - self._round_started[server_round]
                 if server_round in self._round_started else None

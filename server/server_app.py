@@ -24,6 +24,7 @@ from fedtune.common.model_cache import get_runtime
 from fedtune.common.run_layout import RunLayout
 from fedtune.common.tasks import encode_records, num_labels, resolve_task
 from fedtune.server.divergence import DivergenceWatch
+from fedtune.server.participation import ParticipationGrid
 from fedtune.server.recorder import RoundListener, RunRecorder
 from fedtune.server.secagg import DropoutTolerantSecAggPlus, secagg_params
 from fedtune.server.state import (
@@ -34,6 +35,7 @@ from fedtune.server.state import (
 )
 from fedtune.server.strategy import STRATEGIES
 from fedtune.server.strategy.central_dp import with_central_dp
+from fedtune.server.tracking import RoundTracker, check_tracking
 from fedtune.server.validation import UpdateChecks
 from fedtune.server.workflow import ResumableWorkflow, TimeoutGrid
 
@@ -64,6 +66,7 @@ def build_strategy(cfg: RunConfig, recorder: RunRecorder, initial) -> object:
         strategy = with_central_dp(strategy, cfg, on_release=recorder.record_central_dp)
     strategy.on_round_info = recorder.record_aggregation  # aggregation time, bytes received
     strategy.on_site_replies = recorder.record_sites  # every site's status, refusals by name
+    strategy.on_site_nodes = recorder.participation.learn  # node id -> name, for dropouts
     strategy.update_checks = UpdateChecks(  # server/validation.py, before aggregation
         max_norm=fed.max_update_norm, layout=adapter_layout(recorder.rt.model),
         secagg=bool(fed.secagg), min_updates=fed.min_fit_sites,
@@ -86,10 +89,13 @@ def build_fit_workflow(cfg: RunConfig):
 def build_server_app(
     cfg: RunConfig, run_dir: Path, run_id: str, eval_path: Path,
     listener: RoundListener | None = None, *, resume: bool = False,
+    node_names: dict[int, str] | None = None,
 ) -> ServerApp:
     """The ServerApp; with `resume`, it continues the run in `run_dir` after its last completed
-    round (server/state.py), with the same run id."""
+    round (server/state.py), with the same run id. `node_names` (node id -> site name, the
+    coordinator's registrations) names a site that drops out of a round."""
     app = ServerApp()
+    check_tracking(cfg)  # a tracking key on without its library: refused before any round
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
@@ -98,12 +104,15 @@ def build_server_app(
         eval_data = encode_records(read_records(eval_path), rt.tokenizer, cfg, task,
                                    cfg.data.labels)
         point = prepare_resume(run_dir, run_id, rt.model) if resume else None
-        recorder = RunRecorder(run_dir, run_id, rt, eval_data, listener,
+        # [tracking]: each round also to TensorBoard / MLflow (server/tracking.py)
+        tracker = RoundTracker.open(cfg, run_dir, run_id, inner=listener)
+        recorder = RunRecorder(run_dir, run_id, rt, eval_data, tracker,
                                num_rounds=cfg.federation.rounds,
                                evaluate_every=cfg.federation.evaluate_every,
                                model_card=model_card(cfg), divergence=DivergenceWatch(
                                    cfg, RunLayout(run_dir).metrics if resume else None,
-                                   log_warning=listener is None))
+                                   log_warning=listener is None),
+                               node_names=node_names)
         strategy = build_strategy(cfg, recorder, point.adapter if point else rt.initial_adapter)
         if point is not None:
             restore_strategy_state(strategy, point.state.strategy)
@@ -122,6 +131,9 @@ def build_server_app(
         workflow = ResumableWorkflow(fit_workflow=build_fit_workflow(cfg),
                                      start_round=point.next_round if point else 1,
                                      on_round_end=on_round_end)
-        workflow(TimeoutGrid(grid, fed.round_timeout_s) if fed.round_timeout_s else grid, legacy)
+        bounded = TimeoutGrid(grid, fed.round_timeout_s) if fed.round_timeout_s else grid
+        watched = ParticipationGrid(bounded, recorder.participation)  # names dropouts by site
+        with tracker:  # closes the tracking runs, FAILED if the workflow raised
+            workflow(watched, legacy)
 
     return app

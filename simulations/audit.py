@@ -290,6 +290,34 @@ def accountant_epsilon(prepared: PreparedRun) -> float:
     return epsilon(history, dp.delta, dp.accountant)
 
 
+def audit_site(state_dir: Path, site_id: str, run_id: str, beta: float = 0.05) -> AuditResult:
+    """White-box audit of a deployed auditor site's run (`[audit]` in its site.toml): its
+    secret canaries and their coordinates in the deltas it sent, against the ε its own ledger
+    recorded for the run. Written to STATE_DIR/audit/RUN/audit.json."""
+    started = time.perf_counter()
+    spec_path = Path(state_dir) / "audit" / run_id / "canaries.json"
+    observations = observations_path(spec_path)
+    if not observations.exists():
+        raise AuditError(f"{spec_path.parent}: no canary observations for run {run_id!r} (is "
+                         "[audit] white_box_canaries set in this site's site.toml, and did the "
+                         "site train in that run?)")
+    ledger = PrivacyLedger(state_dir, site_id)
+    plan, history = ledger.plan(run_id), ledger.history(run_id)
+    if plan is None or not history:
+        raise AuditError(f"{site_id} trained no DP round in run {run_id!r} (its ledger in "
+                         f"{state_dir})")
+    dp = DPConfig(delta=plan.delta, accountant=plan.accountant)  # type: ignore[arg-type]
+    result = _result("white-box", whitebox_scores(observations),
+                     CanarySpec.load(spec_path).included, dp=dp,
+                     accountant_epsilon=epsilon(history, plan.delta, plan.accountant),
+                     beta=beta, started=started,
+                     audited=f"{site_id}'s DP-SGD over all rounds of a deployed run (the deltas "
+                             "it sent), gradient canaries")
+    (spec_path.parent / "audit.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n",
+                                                 encoding="utf-8")
+    return result
+
+
 def run_audit(cfg: RunConfig, mode: Mode = "white-box", m: int | None = None,
               beta: float = 0.05, listener: RoundListener | None = None, verbose: bool = False,
               seed: int | None = None,

@@ -9,6 +9,7 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from rich.table import Table
 
 from fedtune.common.splits import AUTO_EVAL_CAP, HeldOut
+from fedtune.server.participation import describe_participation
 
 
 class RichRoundListener:
@@ -67,7 +68,10 @@ class RichRoundListener:
             # train_loss is opt-in at each site (common/disclosure.py)
             told = (f"train loss {loss:.4f}" if loss is not None
                     else "no train loss sent" if trained else "no site trained")
-            self.progress.console.log(f"round {rnd}: {told} | {shown}")
+            # the sites that dropped out, declined or refused, by name and why
+            who = describe_participation(record.get("participation"))
+            self.progress.console.log(f"round {rnd}: {told} | {shown}"
+                                      + (f" | {who}" if who else ""), markup=False)
             self.progress.update(self.task, advance=1,
                                  description=f"round {rnd}/{self.rounds} aggregated")
 

@@ -45,11 +45,13 @@ from fedtune.common.input_checks import (
     length_report,
 )
 from fedtune.common.models import ensure_cached
+from fedtune.common.privacy import check_dp_range
 from fedtune.common.run_layout import RunLayout, claim_run_dir, new_run_name
 from fedtune.common.splits import HeldOut, load_source, split_eval
 from fedtune.common.tasks import resolve_task
 from fedtune.server.recorder import RoundListener
 from fedtune.server.server_app import build_server_app
+from fedtune.server.tracking import check_tracking
 from fedtune.simulations import partition
 from fedtune.simulations.stopping import same_priority_workers, stop_on_signal
 
@@ -96,6 +98,9 @@ def _units(cfg: RunConfig, records: list[Record]) -> UnitCounts:
 
 def prepare_run(cfg: RunConfig) -> PreparedRun:
     """Make the run directory, split data into sites and a held-out set. Touches no model."""
+    check_tracking(cfg)  # a [tracking] key on without its library: refused before anything
+    if cfg.dp.enabled:  # settings whose accounting would not fit in memory or time
+        check_dp_range(cfg.dp.noise_multiplier, cfg.dp.target_epsilon)
     task = resolve_task(cfg)
     run_id = new_run_name(cfg.output.run_name)
     run_dir = Path(cfg.output.dir) / run_id
@@ -159,9 +164,21 @@ def measure_lengths(prepared: PreparedRun) -> LengthReport:
                          model_input_limit(path, tokenizer))
 
 
+LOCAL_RAY = "local"  # --ray-address local: a private Ray even where RAY_ADDRESS is set
+
+
+def ray_address(option: str | None) -> str | None:
+    """The Ray cluster to attach to: `--ray-address`, else Ray's own RAY_ADDRESS; None (or
+    "local"): start a private Ray for this run, as before."""
+    address = option if option is not None else os.environ.get("RAY_ADDRESS")
+    address = (address or "").strip()
+    return None if address in ("", LOCAL_RAY) else address
+
+
 def _init_ray(init_args: dict) -> None:
-    """Start Ray as Flower's RayBackend would (it skips its own init when Ray is up), so that
-    the stop handler can be installed after ray.init replaced the SIGTERM handler."""
+    """Start Ray (or attach to a cluster: `address` in init_args) as Flower's RayBackend would
+    (it skips its own init when Ray is up), so that the stop handler can be installed after
+    ray.init replaced the SIGTERM handler."""
     import sys
 
     import ray
@@ -172,26 +189,81 @@ def _init_ray(init_args: dict) -> None:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    address = init_args.get("address")
+    if address not in (None, LOCAL_RAY):
+        _check_reachable(address)
+    try:
+        ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        if address in (None, LOCAL_RAY):
+            raise
+        raise ValueError(f"cannot attach to the Ray cluster at {address} (--ray-address or "
+                         f"RAY_ADDRESS): {e}") from None
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, naming the address, when nothing answers at HOST:PORT (ray.init would
+    retry for minutes). "auto" and ray:// addresses are left to Ray."""
+    import socket
+
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as e:
+        raise ValueError(f"cannot attach to the Ray cluster at {address} (--ray-address or "
+                         f"RAY_ADDRESS): nothing answers there ({e}); start its head with "
+                         f"`ray start --head --port={port}`") from None
+
+
+def _attached_capacity() -> tuple[int, float]:
+    """(CPUs, GPUs) of the attached cluster, all its nodes together."""
+    import ray
+
+    total = ray.cluster_resources()
+    return int(total.get("CPU", 0)), float(total.get("GPU", 0))
 
 
 def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
                  verbose: bool = False,
-                 on_stop: Callable[[str], None] | None = None) -> list[dict]:
+                 on_stop: Callable[[str], None] | None = None,
+                 address: str | None = None) -> list[dict]:
     """Run the federation with Flower's simulation engine; returns the metrics records.
 
-    Ctrl-C or SIGTERM ends the run within seconds, Ray's processes included
-    (simulations/stopping.py); `on_stop(signal name)` runs first."""
+    `address`: a running Ray cluster to attach to (see `ray_address`); its CPUs, not this
+    machine's, then decide how many sites train at once, and the cluster is left running when
+    the run ends or is stopped. Without it a private Ray is started and ended with the run.
+
+    Ctrl-C or SIGTERM ends the run within seconds, Ray's processes included when they are this
+    run's own (simulations/stopping.py); `on_stop(signal name)` runs first."""
     from flwr.simulation import run_simulation
 
-    from fedtune.simulations import busy_node_dispatch
+    from fedtune.simulations import busy_node_dispatch, worker_deaths
 
     busy_node_dispatch.install()  # Flower polls all N nodes 10x a second; poll only those with mail
+    # a dead Ray worker: its site named with the cause, the worker replaced
+    worker_deaths.install(lambda partition_id: prepared.sites[partition_id].site_id)
     # Simulated sites have no site.toml: the same merge as a deployed site's, with no limits.
     cfg = site_run_config(prepared.cfg, SIMULATION_POLICY)
     ensure_cached(cfg.model.name, cfg.model.cache_dir)  # build once, before workers start
-    parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
-    parallel = min(parallel, cfg.federation.num_sites)
+    log_args = {"include_dashboard": False,
+                "logging_level": logging.INFO if verbose else logging.ERROR,
+                "log_to_driver": verbose}
+    same_priority_workers()  # Ray would run the sites at a lower priority than this command
+    if address:  # the cluster's own resources: num_cpus / num_gpus must not be passed
+        _init_ray({"address": address, **log_args})
+        cpus, cluster_gpus = _attached_capacity()
+        parallel = min(cfg.federation.parallel_sites or max(1, cpus), cfg.federation.num_sites)
+        gpus = cluster_gpus / parallel if cluster_gpus else 0.0
+        init_args: dict = {"address": address, **log_args}
+    else:
+        parallel = cfg.federation.parallel_sites or (os.cpu_count() or 1)
+        parallel = min(parallel, cfg.federation.num_sites)
+        gpus = 1.0 / parallel if torch.cuda.is_available() else 0.0
+        # "local": a fresh Ray even where RAY_ADDRESS names a cluster
+        init_args = {"address": LOCAL_RAY, "num_cpus": parallel, "num_gpus": 1 if gpus else 0,
+                     **log_args}
     sites = prepared.sites
 
     def resolve_site(context) -> SiteSpec:
@@ -201,22 +273,13 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
                                   listener)
     client_app = build_client_app(cfg, resolve_site, secagg=cfg.federation.secagg,
                                   parallel_sites=parallel)
-    gpus = 1.0 / parallel if torch.cuda.is_available() else 0.0
-    backend_config = {
-        "client_resources": {"num_cpus": 1, "num_gpus": gpus},
-        "init_args": {
-            "num_cpus": parallel,
-            "num_gpus": 1 if gpus else 0,
-            "include_dashboard": False,
-            "logging_level": logging.INFO if verbose else logging.ERROR,
-            "log_to_driver": verbose,
-        },
-    }
+    # One CPU per site actor: Flower's pool holds as many actors as the nodes' CPUs allow.
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
+                      "init_args": init_args}
     flwr_logger = logging.getLogger("flwr")
     old_level = flwr_logger.level
     if not verbose:
         flwr_logger.setLevel(logging.WARNING)
-    same_priority_workers()  # Ray would run the sites at a lower priority than this command
     try:
         _init_ray(backend_config["init_args"])
         with stop_on_signal(on_stop):
@@ -228,6 +291,10 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
             )
     finally:
         flwr_logger.setLevel(old_level)
+        if address:  # leave the cluster as it was: only this driver disconnects
+            import ray
+
+            ray.shutdown()
     return read_metrics(prepared.run_dir)
 
 

@@ -8,6 +8,10 @@ process this one started (Ray's GCS, raylet, its agents and the site workers, gr
 included) and exits at once. Every finished round is already on disk (metrics.jsonl and the
 checkpoints are fsynced when the round ends), so nothing of a finished round is lost.
 
+It ends only this process's own descendants. Attached to a running Ray cluster
+(`fedtune simulate --ray-address`), the cluster's GCS, raylets and workers are not among them and
+keep running; Ray releases the run's site actors once this driver has gone.
+
 Ray also starts its workers at a lower priority (`RAY_worker_niceness`, nice 15 in Ray 2.x):
 on a busy machine the sites then get a fraction of the CPU that the user's command gets.
 `same_priority_workers` asks Ray for the caller's own priority unless the user set it.
@@ -109,7 +113,9 @@ def stop_on_signal(on_stop: Callable[[str], None] | None = None) -> Iterator[Non
                 on_stop(name)
         finally:
             try:  # whatever goes wrong while stopping, the process still exits with 128 + signal
-                kill_tree(os.getpid())
+                # No grace period: Ray's core worker in this process exits with status 1 as soon
+                # as it sees its raylet die, which would race the exit status below.
+                kill_tree(os.getpid(), grace_s=0.0)
                 sys.stdout.flush()
                 sys.stderr.flush()
             finally:

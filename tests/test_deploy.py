@@ -37,6 +37,8 @@ SETTINGS = [
     "data.max_eval_records=16",
     "dp.target_epsilon=8.0",
 ]
+# site-2 is an auditor: secret gradient canaries in its DP sum ([audit] in its site.toml)
+AUDITOR_SITE, AUDITOR_TOML = "site-2", "[audit]\nwhite_box_canaries = 200\n"
 SITE0_EPSILON = 4.0  # site-0's own budget (site.toml [privacy]) overrides the run's 8.0
 RUN_TIMEOUT = 600
 
@@ -170,7 +172,8 @@ def deployment(tmp_path_factory) -> Deployment:
 
     fleet, control = free_port(), free_port()
     for site in SITES:
-        _site_toml(root, site, fleet, free_port())
+        _site_toml(root, site, fleet, free_port(),
+                   extra=AUDITOR_TOML if site == AUDITOR_SITE else "")
     dep = Deployment(root, fleet, control, server=None, sites={})  # type: ignore[arg-type]
     try:
         dep.server = dep.start(
@@ -246,6 +249,50 @@ def test_plaintext_client_is_refused_by_tls_server(ready: Deployment):
     assert res.returncode != 0
     assert "WARNING" in res.stderr and "PLAINTEXT" in res.stderr  # the loud warning
     assert "insecure" in kinds and "disconnected" in kinds and "connected" not in kinds
+    # The site says why in words (not only "Connection attempt failed, retrying..."), and what
+    # to set
+    address = f"127.0.0.1:{deployment.fleet_port}"
+    why = next(e for e in events if e["event"] == "tls_mismatch")["msg"]
+    assert f"the coordinator at {address} requires TLS" in why, why
+    assert "remove --insecure" in why and "coordinator.root_certificate" in why
+    assert next(e for e in events if e["event"] == "giving_up")["cause"] == why
+    # The coordinator refused it inside gRPC's TLS layer; it says so from gRPC's log line
+    log = deployment.root / "coordinator" / "logs" / "superlink.log"
+    assert "WRONG_VERSION_NUMBER" in log.read_text(errors="replace")
+    deadline = time.monotonic() + 20  # the coordinator reads its SuperLink's log every 3 s
+    while "plaintext connection attempt(s)" not in deployment.server.text():
+        assert time.monotonic() < deadline, deployment.server.text()[-3000:]
+        time.sleep(0.5)
+
+    # A site whose CA is not the one that signed the coordinator's certificate: said in words
+    subprocess.run(fedtune_cmd("certs", "init", "--dir", "other-ca"), cwd=deployment.root,
+                   env=env(), capture_output=True, check=True, timeout=60)
+    path = _site_toml(deployment.root, "foreign-ca", deployment.fleet_port, free_port(),
+                      key_site="site-1")
+    path.write_text(path.read_text().replace("certs/ca.crt", "other-ca/ca.crt"))
+    res = subprocess.run(
+        fedtune_cmd("client", "--config", "foreign-ca.toml", "--max-restarts", "0"),
+        cwd=deployment.root, env=env(), capture_output=True, text=True, timeout=120,
+    )
+    events = [json.loads(x) for x in res.stdout.splitlines() if x.startswith("{")]
+    assert res.returncode != 0 and "connected" not in [e["event"] for e in events]
+    why = next(e for e in events if e["event"] == "tls_mismatch")["msg"]
+    assert "its certificate is not signed by your CA" in why, why
+    assert "coordinator.root_certificate" in why and "other-ca/ca.crt" in why
+
+
+def test_status_names_the_expected_sites_while_the_run_goes_on(ready: Deployment):
+    """`fedtune status` on the coordinator's run directory during the run: the live part
+    (status.json, written by `fedtune server`) names the registered sites."""
+    res = subprocess.run(fedtune_cmd("status", str(ready.run_dir), "--json"), cwd=ready.root,
+                         env=env(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["run_id"] == RUN and data["rounds"] == 2 and data["flower_run_id"]
+    assert [s["site_id"] for s in data["sites"] if s["expected"]] == SITES
+    assert data["state"] in ("running", "finished")
+    if not data["finished"]:
+        assert "round" in data["waiting_for"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +306,16 @@ def test_run_completes_with_adapter_and_site_epsilons(finished: Deployment):
     run_dir = finished.run_dir
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [0, 1, 2]
+    # Every round names the sites that took part (and, here, that none dropped out)
+    for r in records[1:]:
+        assert r["participation"] == {"trained": SITES, "declined": {}, "refused": {},
+                                      "dropped": {}}, r
+    # server.log: plain text, each line once, one header for the one start
+    server_log = (run_dir / "server.log").read_text()
+    assert "[ROUND 2]" in server_log and "\x1b[" not in server_log
+    assert server_log.count("==== fedtune server") == 1
+    lines = [x for x in server_log.splitlines() if x.strip()]
+    assert not [a for a, b in zip(lines, lines[1:], strict=False) if a == b]
 
     # Each site's ledger holds both rounds; the metrics show its epsilon; site-0's own budget
     # (4.0, from its site.toml) is respected and below the others' (run target 8.0).
@@ -300,6 +357,66 @@ def test_run_completes_with_adapter_and_site_epsilons(finished: Deployment):
         tuned = PeftModel.from_pretrained(base, adapter)
         after = tuned(**ids).logits
     assert not torch.allclose(before, after)
+
+
+def test_status_and_run_level_report_after_the_run(finished: Deployment):
+    """`fedtune status` (coordinator run directory, JSON and table; one site's ledger) and the
+    run-level `fedtune report` of the coordinator's run directory, against metrics.jsonl and
+    the site's ledger."""
+    from typer.testing import CliRunner
+
+    from fedtune.cli.main import app
+    from fedtune.common.ledger import PrivacyLedger
+
+    assert finished.server.popen.returncode == 0
+    run_dir = finished.run_dir
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reported = {s["site_id"]: s["epsilon"] for s in records[-1]["sites"]}
+
+    def status(*args: str) -> subprocess.CompletedProcess:
+        res = subprocess.run(fedtune_cmd("status", *args), cwd=finished.root, env=env(),
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        return res
+
+    data = json.loads(status(str(run_dir), "--json").stdout)
+    assert (data["run_id"], data["rounds"], data["last_round"]) == (RUN, 2, 2)
+    assert data["finished"] and data["state"] == "finished" and data["waiting_for"] is None
+    assert data["connected"] == SITES  # as the SuperLink listed them at the end of the run
+    sites = {s["site_id"]: s for s in data["sites"]}
+    assert sorted(sites) == SITES
+    for site in SITES:
+        s = sites[site]
+        assert s["expected"] and s["last_seen"] and s["rounds_trained"] == 2
+        assert s["reported_epsilon"] == pytest.approx(reported[site]) and s["epsilon_round"] == 2
+    table = status(str(run_dir)).stdout
+    assert "round 2 of 2 completed" in table and "finished" in table
+    assert all(site in table for site in SITES) and "reported by each site" in table
+
+    # One site's ledger, in-process (the test already holds PyTorch, which the ledger needs).
+    cli = CliRunner()
+    ledger = finished.state("site-0") / PrivacyLedger.FILENAME
+    res = cli.invoke(app, ["status", str(ledger), "--json"])
+    assert res.exit_code == 0, res.output
+    (site,) = json.loads(res.output)["sites"]
+    (run,) = site["runs"]
+    rows = PrivacyLedger(finished.state("site-0"), "site-0").rows(RUN)
+    assert (site["site_id"], run["run_id"], run["rounds_trained"], run["last_round"]) == (
+        "site-0", RUN, 2, 2)
+    assert run["epsilon"] == pytest.approx(rows[-1].epsilon_run) and run["retried"] == {}
+    assert run["epsilon"] == pytest.approx(reported["site-0"])
+
+    # The coordinator has no ledger: `fedtune report` gives the run-level report.
+    res = cli.invoke(app, ["report", str(run_dir), "--no-pdf"])
+    assert res.exit_code == 0, res.output
+    out = run_dir / "report"
+    page, md = (out / "run_report.html").read_text(), (out / "run_report.md").read_text()
+    report = json.loads((out / "run_report.json").read_text())
+    assert [r["took_part"] for r in report["rounds"] if r["round"] > 0] == [SITES, SITES]
+    for text in (page, md):
+        assert "REPORTED" in text and "source of truth" in text
+        assert ", ".join(SITES) in text
+        assert f"{reported['site-0']:.4g}" in text
 
 
 def _adapter_arrays(run_dir: Path, name: str, model) -> list[np.ndarray]:
@@ -448,3 +565,31 @@ def test_site_daemon_stops_cleanly_on_sigterm(finished: Deployment):
     from fedtune.common.ledger import PrivacyLedger
 
     assert len(PrivacyLedger(finished.state("site-1"), "site-1").rows(RUN)) == 2
+
+
+def test_deployed_auditor_site_audits_its_own_run(finished: Deployment):
+    """An auditor site in a real deployment: its canaries (secret, at the site) went into its DP
+    sums; `fedtune audit --site` states a lower bound below its ledger's ε and writes it."""
+    assert finished.server.popen.returncode == 0
+    audit_dir = finished.state(AUDITOR_SITE) / "audit" / RUN
+    spec = json.loads((audit_dir / "canaries.json").read_text())
+    assert len(spec["included"]) == 200 and 40 < sum(spec["included"]) < 160
+    observed = [json.loads(x) for x in (audit_dir / "observations.jsonl").read_text().splitlines()]
+    assert {o["round"] for o in observed} == {1, 2} and sum(o["participations"] for o in observed)
+    res = subprocess.run(fedtune_cmd("audit", "--site", f"{AUDITOR_SITE}.toml", "--run", RUN),
+                         cwd=finished.root, env=env(), capture_output=True, text=True, timeout=120)
+    out = res.stdout.replace("\n", " ")
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "audited lower bound" in out and "200 canaries" in out
+    result = json.loads((audit_dir / "audit.json").read_text())
+    assert result["m"] == 200 and result["passed"] and result["accountant_epsilon"] > 0
+    assert 0 <= result["lower_bound"] <= result["accountant_epsilon"]
+    # The secret stays at the site: nothing the coordinator keeps names the canaries.
+    for path in [p for d in (finished.root / "coordinator", finished.run_dir)
+                 for p in d.rglob("*") if p.is_file()]:
+        assert b"coordinate_seed" not in path.read_bytes(), path
+    # Without a run that has observations: a clear error naming what is missing.
+    bad = subprocess.run(fedtune_cmd("audit", "--site", f"{AUDITOR_SITE}.toml", "--run", "nope"),
+                         cwd=finished.root, env=env(), capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "no canary observations for run 'nope'" in bad.stderr.replace("\n", " ")

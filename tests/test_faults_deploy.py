@@ -193,6 +193,21 @@ def test_site_killed_mid_round_then_coordinator_killed_and_resumed(scenario: Sce
     else:
         assert r1_sites == ["site-0", "site-1"], why
     assert all(s["status"] == "ok" for s in r1["sites"]), why
+    # The round's record and the coordinator's round line name who took part and who dropped
+    # out, and why (server/participation.py)
+    taken = r1["participation"]
+    assert taken["trained"] == r1_sites and not taken["declined"] and not taken["refused"], why
+    if not site2_sent_r1:
+        assert list(taken["dropped"]) == ["site-2"], why
+        assert "no reply" in taken["dropped"]["site-2"] or "Unavailable" in \
+            taken["dropped"]["site-2"], why
+        def console() -> str:  # the coordinator's console, rich's line wrapping undone
+            return " ".join(server.text().split())
+
+        sc.wait("round 1's line names the dropout",
+                lambda: "dropped: site-2 (" in console(), timeout=30)
+        line = console()[console().index("round 1:"):][:600]
+        assert "dropped: site-2 (" in line.partition("round 2:")[0], line
 
     # 2. site-2 is back for round 2; the coordinator dies in the middle of it.
     sc.wait("site-2 trains round 2", lambda: any(r == 2 for r, _ in sc.ledger("site-2")))
@@ -233,6 +248,21 @@ def test_site_killed_mid_round_then_coordinator_killed_and_resumed(scenario: Sce
     assert (sc.run_dir / "adapter" / "adapter_model.safetensors").is_file()
     server_log = (sc.run_dir / "server.log").read_text()
     assert "[RESUME] continuing at round 2" in server_log
+    # One log per run across the restart: the first coordinator's rounds, then the resumed
+    # one's (appended, never truncated); plain text; each line once.
+    before, _, after = server_log.partition("[RESUME] continuing at round 2")
+    assert "[ROUND 1]" in before and "[ROUND 2]" in after, server_log[-3000:]
+    assert server_log.count("==== fedtune server") == 2, server_log[:3000]
+    assert "resumed: rounds 1..1 completed before" in server_log
+    assert "\x1b[" not in server_log
+    lines = [x for x in server_log.splitlines() if x.strip()]
+    doubled = [a for a, b in zip(lines, lines[1:], strict=False) if a == b]
+    assert not doubled, doubled[:5]
+    # The wait for sessions from before the restart names sites, not node ids
+    waited = [x for x in out.splitlines() if x.startswith("waiting for")]
+    assert all("node " not in x for x in waited), waited
+    assert r2["participation"] == {"trained": SITES, "declined": {}, "refused": {},
+                                   "dropped": {}}
 
     # Ledgers: every round a site trained is there, the interrupted attempts included.
     for site in SITES:

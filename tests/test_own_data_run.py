@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from fedtune.simulations.process_memory import marked_pids
 from tests.conftest import REPO, run_fedtune, sets
 
 pytestmark = pytest.mark.slow
@@ -89,6 +91,14 @@ def test_long_text_own_data_eval_truncation_divergence_load(tmp_path: Path):
     assert finding["first"] and finding["start_loss"] == records[0]["eval"]["loss"]
     assert "train.lr" in finding["hint"] and "train.head_lr" in finding["hint"]
     assert "the run is diverging" in out and "train.head_lr" in out
+    # ... and the header warned before training: AdamW with a step size far above its range.
+    assert "train.lr = 5 with AdamW" in out and "train.head_lr = 50 with AdamW" in out
+
+    # The summary gives the peak memory of every process, the Ray site workers included.
+    peak = re.search(r"peak memory \(resident\): site workers ([\d,]+) MB \(largest of (\d+)\)",
+                     out)
+    assert peak, out[-2000:]
+    assert 100 < int(peak.group(1).replace(",", "")) < 8000 and int(peak.group(2)) >= 1
 
     # The adapter names its base and carries a model card that says how to load it.
     adapter = run_dir / "adapter"
@@ -113,16 +123,7 @@ def test_long_text_own_data_eval_truncation_divergence_load(tmp_path: Path):
 
 
 def _marked(marker: str) -> list[int]:
-    """Processes (of this user) whose environment carries `marker`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if marker.encode() in (entry / "environ").read_bytes():
-                    found.append(int(entry.name))
-            except OSError:
-                pass
-    return found
+    return marked_pids(marker.encode())
 
 
 def _nice(pid: int) -> int:

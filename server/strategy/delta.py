@@ -54,6 +54,9 @@ AfterAggregate = Callable[[int, NDArrays, list[dict[str, Scalar]]], None]
 OnRoundInfo = Callable[[int, dict], None]
 # Called every round with (round, per-site metrics: replies and refusals), aggregated or not.
 OnSiteReplies = Callable[[int, list[dict[str, Scalar]]], None]
+# Called every round with {node id: site name} of the sites that replied (server/participation.py
+# names a site that later drops out by its node id).
+OnSiteNodes = Callable[[dict[int, str]], None]
 
 
 def refusals(failures: list) -> list[dict[str, Scalar]]:
@@ -77,6 +80,7 @@ class DeltaAggregation:
     replies_are_deltas: bool = True
     on_round_info: OnRoundInfo | None = None  # set by server/server_app.py (the run recorder)
     on_site_replies: OnSiteReplies | None = None  # likewise
+    on_site_nodes: OnSiteNodes | None = None  # likewise
     # What server/validation.py checks in each reply (set by server/server_app.py; shapes are filled
     # in from the global adapter). None: structure and finite values only.
     update_checks: UpdateChecks | None = None
@@ -131,6 +135,8 @@ class DeltaAggregation:
         site_metrics = [dict(res.metrics) for _, res in results] + refusals(failures)
         if self.on_site_replies is not None:  # also when no site trained: refusals by name
             self.on_site_replies(server_round, site_metrics)
+        if self.on_site_nodes is not None:
+            self.on_site_nodes({proxy.node_id: site_of(res.metrics) for proxy, res in results})
         # The server hashes each reply itself (to match the site's ledger); a site does not send
         # its hash. Under SecAgg+ a single reply is masked: nothing per site to hash.
         self._received = {} if (self.update_checks or UpdateChecks()).secagg else {

@@ -1,0 +1,59 @@
+"""Step-size rules that hold without tuning (common/recipe_checks.py, docs/privacy.md): a step's
+gradient has norm <= C with DP off too (real MiniLM + PEFT LoRA), and the warnings a user sees
+before a run about AdamW step sizes and FedAvgM's momentum ramp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.client.trainer import train_local
+from fedtune.common.config import DPConfig, LoraSettings, TrainConfig, load_config
+from fedtune.common.data import EncodedDataset
+from fedtune.common.lora import apply_lora, get_adapter, set_adapter
+from fedtune.common.models import load_base_model
+from fedtune.common.recipe_checks import momentum_ramp, recipe_warnings
+from tests.test_length_chunks import _items
+
+
+def test_dp_off_sgd_step_moves_the_adapter_by_at_most_lr_times_c():
+    """A DP recipe's large SGD step size run with DP off: the step is bounded by lr x C, as
+    under DP, instead of following the raw gradient (which made such runs blow up)."""
+    base, tok, _ = load_base_model("all-minilm-l6-v2", "classification", num_labels=4)
+    model = apply_lora(base, "classification", LoraSettings(r=4, init_seed=3))
+    data = EncodedDataset(_items(32, seed=2))
+    start = get_adapter(model)
+    lr, clip = 10.0, 0.05
+    moved = {}
+    for c in (clip, 1e6):  # 1e6: effectively no clipping, the raw gradient
+        set_adapter(model, start)
+        train_local(model, data, task="classification", pad_id=tok.pad_token_id,
+                    device=torch.device("cpu"),
+                    train=TrainConfig(batch_size=32, lr=lr, optimizer="sgd"),
+                    dp=DPConfig(enabled=False, max_grad_norm=c), noise_multiplier=0.0,
+                    steps=1, seed=0)
+        moved[c] = float(np.sqrt(sum(float(np.sum((a - s) ** 2))
+                                     for a, s in zip(get_adapter(model), start, strict=True))))
+    set_adapter(model, start)
+    assert moved[clip] <= lr * clip * (1 + 1e-4)
+    assert moved[1e6] > 2 * lr * clip  # the raw gradient is larger: the clip did something
+
+
+def test_adamw_step_size_far_above_its_range_is_warned_naming_the_key():
+    warnings = recipe_warnings(load_config(None, ["train.head_lr=5"]))
+    assert len(warnings) == 1 and warnings[0].startswith("train.head_lr = 5 with AdamW")
+    assert recipe_warnings(load_config(None, [])) == []  # the defaults pass their own rules
+    sgd = load_config(None, ["train.optimizer=sgd", "train.lr=0.05", "train.head_lr=10"])
+    assert recipe_warnings(sgd) == []  # large steps are SGD's
+
+
+@pytest.mark.parametrize(("rounds", "warned"), [(8, True), (48, False)])
+def test_fedavgm_with_too_few_rounds_for_its_momentum_is_warned(rounds, warned):
+    cfg = load_config(None, ["federation.strategy=fedavgm", f"federation.rounds={rounds}"])
+    found = [w for w in recipe_warnings(cfg) if w.startswith("federation.strategy")]
+    assert bool(found) == warned
+    if warned:
+        assert "36%" in found[0]  # sum_k (1 - 0.9^k) / 8
+    assert momentum_ramp(0.9, 8) == pytest.approx(0.3593, abs=1e-4)
+    assert momentum_ramp(0.0, 3) == 1.0
