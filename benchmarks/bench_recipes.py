@@ -168,9 +168,13 @@ def write_table(rows: dict[str, list[str]]) -> None:
         *[f"| {' | '.join(rows[k])} |" for k in order if k in rows],
         "",
         "Machine: 2-core CPU (KVM), no GPU, shared with other jobs: wall times include model "
-        "loading and vary with the load.",
+        "loading and vary with the load. Each row is one run with secret noise and sampling; "
+        "repeated runs of a DP row differ by a few hundredths of loss.",
     ]
-    OUT.write_text("\n".join(lines) + "\n")
+    notes = ""  # the reading of the table, written by hand below it, is kept
+    if OUT.exists() and "\n## What it shows" in OUT.read_text():
+        notes = "\n## What it shows" + OUT.read_text().split("\n## What it shows", 1)[1]
+    OUT.write_text("\n".join(lines) + "\n" + notes)
     print(f"wrote {OUT}")
 
 
