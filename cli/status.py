@@ -106,22 +106,6 @@ def classify(source: Path) -> tuple[str, Path]:
 # A coordinator's run directory.
 
 
-def _read_rounds(run_dir: Path) -> list[dict]:
-    from fedtune.common.run_layout import RunLayout
-
-    path = RunLayout(run_dir).metrics
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip().endswith("}"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed writer
-    return out
-
-
 def _configured_rounds(run_dir: Path) -> int | None:
     from fedtune.common.run_layout import RunLayout
 
@@ -166,10 +150,11 @@ def reported_by_site(rounds: list[dict]) -> dict[str, dict[str, Any]]:
 
 def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     """The status of a coordinator's run directory, JSON-ready."""
+    from fedtune.server.outcome import read_rounds
     from fedtune.server.status_file import load_status, status_path
 
     now = time.time() if now is None else now
-    rounds = _read_rounds(run_dir)
+    rounds = read_rounds(run_dir)
     live = load_status(run_dir)
     total = (live or {}).get("rounds") or _configured_rounds(run_dir)
     done = max((int(r["round"]) for r in rounds if "round" in r), default=None)

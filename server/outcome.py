@@ -45,8 +45,14 @@ def read_rounds(run_dir: Path) -> list[dict]:
     path = RunLayout(Path(run_dir)).metrics
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines()
-            if line.strip().endswith("}")]
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip().endswith("}"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed writer
+    return out
 
 
 def _order(site_id: str) -> tuple[int, str]:
