@@ -99,7 +99,9 @@ class PeakSampler:
             self.sample()
 
     def sample(self) -> None:
-        for pid in marked_pids(self.marker.encode()):
+        # The driver by its pid: a marker set in os.environ reaches the processes it starts,
+        # not its own /proc/<pid>/environ.
+        for pid in {*marked_pids(self.marker.encode()), self.driver}:
             hwm = _status_kb(pid, "VmHWM")
             if hwm is None:
                 continue

@@ -99,6 +99,8 @@ def test_long_text_own_data_eval_truncation_divergence_load(tmp_path: Path):
                      out)
     assert peak, out[-2000:]
     assert 100 < int(peak.group(1).replace(",", "")) < 8000 and int(peak.group(2)) >= 1
+    driver = re.search(r"driver ([\d,]+) MB", out)
+    assert driver and int(driver.group(1).replace(",", "")) > 100, out[-2000:]
 
     # The adapter names its base and carries a model card that says how to load it.
     adapter = run_dir / "adapter"
