@@ -83,7 +83,8 @@ def server(
         status = serve(coord, keys, prepared, say=console.print, warn=err_console.print)
     except CoordinatorError as e:
         _fail(str(e), 1)
-    from fedtune.server.outcome import read_rounds, training_failure
+    from fedtune.common.round_record import read_rounds
+    from fedtune.server.outcome import training_failure
 
     if status.startswith("finished:completed"):
         # Every round finished, but did any site train? (None: all refused, declined or failed.)

@@ -20,7 +20,7 @@ from fedtune.cli.deploy import register as register_deploy_commands
 from fedtune.cli.export import register as register_export_command
 from fedtune.cli.status import register_status_command
 from fedtune.common.config import ConfigError, config_to_toml, load_config
-from fedtune.common.recipe_checks import recipe_warnings
+from fedtune.common.recipe_checks import recipe_warnings, train_line
 
 app = typer.Typer(
     help="fedtune: federated, differentially private LoRA fine-tuning of language models.",
@@ -115,6 +115,11 @@ def simulate(
         + f" | secure aggregation {'on' if cfg.federation.secagg else 'off'}"
     )
     console.print(eval_line(prepared.held, cfg.data.max_eval_records))
+    if prepared.groups:  # a natural split: which site holds which value of the column
+        console.print(f"sites by {cfg.data.partition_column}: " + ", ".join(
+            f"{s.site_id} = {g}" for s, g in zip(prepared.sites, prepared.groups, strict=True)),
+            highlight=False)
+    console.print(train_line(cfg), highlight=False)
     for warning in recipe_warnings(cfg):
         console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     console.print(f"run directory: {prepared.run_dir}")

@@ -150,7 +150,7 @@ def reported_by_site(rounds: list[dict]) -> dict[str, dict[str, Any]]:
 
 def run_status(run_dir: Path, now: float | None = None) -> dict[str, Any]:
     """The status of a coordinator's run directory, JSON-ready."""
-    from fedtune.server.outcome import read_rounds
+    from fedtune.common.round_record import read_rounds
     from fedtune.server.status_file import load_status, status_path
 
     now = time.time() if now is None else now

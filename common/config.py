@@ -106,7 +106,12 @@ class TrainConfig(_Section):
     local_steps: int = Field(3, gt=0)
     # Expected batch size; with DP the batches are Poisson-sampled at rate batch_size / records.
     batch_size: int = Field(8, gt=0)
-    lr: float = Field(2e-3, gt=0)
+    # AdamW's step size, or "auto": 0.05 / sqrt(rounds x local_steps) with DP (the noise then
+    # moves each weight about as far however long the run), 0.05 / (rounds x local_steps)
+    # without (common/step_size.py).
+    # The run's config.toml then holds the number and lr_rule = "auto".
+    lr: float | Literal["auto"] = Field(2e-3)
+    lr_rule: Literal["fixed", "auto"] = "fixed"
     # Step size of a head trained in full next to LoRA (a classifier, PEFT modules_to_save);
     # None: `lr`. With DP-SGD (plain SGD) one step size cannot fit both: at init on Banking77
     # the head's per-example gradient is ~18x LoRA's, so a step size that moves the head lets
@@ -120,6 +125,13 @@ class TrainConfig(_Section):
     # and holding at least this many real tokens (common/data.py::length_chunks): the same
     # examples and gradients, less compute on padding. 0: the whole batch in one pass.
     chunk_tokens: int = Field(1024, ge=0)
+
+    @field_validator("lr")
+    @classmethod
+    def _positive_lr(cls, v: float | str) -> float | str:
+        if v != "auto" and v <= 0:
+            raise ValueError('must be > 0 (or "auto")')
+        return v
 
 
 StrategyName = Literal[STRATEGY_NAMES]  # type: ignore[valid-type]
@@ -390,6 +402,7 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        self._resolve_auto_lr()
         if self.data.partition == "column" and not self.data.partition_column:
             raise ValueError("data.partition = 'column' needs data.partition_column")
         cdp, sites = self.central_dp, self.federation.num_sites
@@ -419,6 +432,21 @@ class RunConfig(_Section):
                 f"central_dp.delta = {cdp.delta:g} is not below 1/num_sites = {1 / sites:.3g}"
             )
         return self
+
+    def _resolve_auto_lr(self) -> None:
+        """Replace `train.lr = "auto"` by its value for this run's length (and strategy)."""
+        t = self.train
+        if t.lr != "auto":
+            return
+        if t.optimizer != "adamw":
+            raise ValueError('train.lr = "auto" is a rule for AdamW (common/step_size.py); '
+                             'with train.optimizer = "sgd" set train.lr to a number')
+        from fedtune.common.step_size import auto_lr
+
+        fed = self.federation
+        beta = fed.server_momentum if fed.strategy == "fedavgm" else None
+        t.lr = auto_lr(fed.rounds, t.local_steps, dp=self.dp.enabled, server_momentum=beta)
+        t.lr_rule = "auto"
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

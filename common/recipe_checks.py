@@ -19,6 +19,7 @@ Each rule is stated where it is checked, so the warning can say what to change a
 from __future__ import annotations
 
 from fedtune.common.config import RunConfig
+from fedtune.common.step_size import TRAVEL
 
 ADAMW_MAX_LR = 0.05
 
@@ -26,6 +27,20 @@ ADAMW_MAX_LR = 0.05
 def momentum_ramp(beta: float, rounds: int) -> float:
     """Mean fraction of its steady step that a momentum-beta buffer takes over `rounds`."""
     return sum(1 - beta**k for k in range(1, rounds + 1)) / rounds
+
+
+def train_line(cfg: RunConfig) -> str:
+    """The run header's training line: optimizer, step sizes (and the rule behind an "auto"
+    one), expected batch."""
+    t, fed = cfg.train, cfg.federation
+    lr = f"lr {t.lr:.3g}"
+    if t.lr_rule == "auto":
+        steps = f"{fed.rounds} rounds x {t.local_steps} steps"
+        lr += (f" (auto: {TRAVEL:g} / " + (f"sqrt({steps})" if cfg.dp.enabled else f"({steps})")
+               + (f" x (1 - {fed.server_momentum:g})" if fed.strategy == "fedavgm" else "")
+               + ")")
+    head = f", head lr {t.head_lr:.3g}" if t.head_lr is not None else ""
+    return f"training: {t.optimizer}, {lr}{head}, expected batch {t.batch_size} per site"
 
 
 def recipe_warnings(cfg: RunConfig) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from fedtune.common import disclosure
 from fedtune.common.ledger import LedgerRow, PrivacyLedger
 from fedtune.common.privacy import epsilons, group_privacy
+from fedtune.common.round_record import read_rounds
 from fedtune.common.run_layout import RunLayout
 from fedtune.report.wording import AUDIT_MEANING
 
@@ -40,10 +41,8 @@ def find_ledgers(source: Path) -> list[Path]:
 
 
 def read_metrics(run_dir: Path | None) -> list[dict]:
-    path = run_dir / "metrics.jsonl" if run_dir else None
-    if path is None or not path.is_file():
-        return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    """The round records of a run directory's metrics.jsonl ([] without a run directory)."""
+    return read_rounds(run_dir) if run_dir else []
 
 
 def retried_rounds(round_numbers: list[int]) -> list[dict]:

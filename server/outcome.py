@@ -12,11 +12,6 @@ name, so the message says so and points to the log.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from fedtune.common.run_layout import RunLayout
-
 NO_REPLY = ("no reply in any round: it failed before replying (an exception, out of memory, "
             "killed) or timed out; Flower reports such a failure without the site's name, see "
             "the log")
@@ -38,21 +33,6 @@ def parse_site_failure(text: str) -> tuple[str, str] | None:
     if not tag or not sep:
         return None
     return site_id, cause.removesuffix("'>").strip()
-
-
-def read_rounds(run_dir: Path) -> list[dict]:
-    """The round records of a run directory's metrics.jsonl (empty if there is none)."""
-    path = RunLayout(Path(run_dir)).metrics
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip().endswith("}"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line of a killed writer
-    return out
 
 
 def _order(site_id: str) -> tuple[int, str]:

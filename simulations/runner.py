@@ -15,7 +15,6 @@ sites' files, as in a real deployment.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -46,6 +45,7 @@ from fedtune.common.input_checks import (
 )
 from fedtune.common.models import ensure_cached
 from fedtune.common.privacy import check_dp_range
+from fedtune.common.round_record import read_rounds
 from fedtune.common.run_layout import RunLayout, claim_run_dir, new_run_name
 from fedtune.common.splits import HeldOut, load_source, split_eval
 from fedtune.common.tasks import resolve_task
@@ -299,7 +299,5 @@ def run_prepared(prepared: PreparedRun, listener: RoundListener | None = None,
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    path = RunLayout(Path(run_dir)).metrics
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The round records of a run directory's metrics.jsonl (a torn last line is skipped)."""
+    return read_rounds(run_dir)

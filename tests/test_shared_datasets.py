@@ -50,3 +50,6 @@ def test_medquad_by_source(tmp_path: Path, shared_datasets: Path):
         assert len(site_sources) == 1
         sources |= site_sources
     assert sources == {"GHR", "GARD", "NIDDK"}
+    # The header names which site holds which source.
+    assert "sites by source: site-0 = GHR, site-1 = GARD, site-2 = NIDDK" in " ".join(
+        res.stdout.split())
