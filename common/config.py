@@ -437,16 +437,27 @@ class RunConfig(_Section):
         """Replace `train.lr = "auto"` by its value for this run's length (and strategy)."""
         t = self.train
         if t.lr != "auto":
+            if t.lr_rule == "auto" and not _rule_value(self, t.lr):
+                t.lr_rule = "fixed"  # a saved "auto" value, then rounds or steps changed
             return
         if t.optimizer != "adamw":
             raise ValueError('train.lr = "auto" is a rule for AdamW (common/step_size.py); '
                              'with train.optimizer = "sgd" set train.lr to a number')
-        from fedtune.common.step_size import auto_lr
-
-        fed = self.federation
-        beta = fed.server_momentum if fed.strategy == "fedavgm" else None
-        t.lr = auto_lr(fed.rounds, t.local_steps, dp=self.dp.enabled, server_momentum=beta)
+        t.lr = _auto_lr(self)
         t.lr_rule = "auto"
+
+
+def _auto_lr(cfg: RunConfig) -> float:
+    from fedtune.common.step_size import auto_lr
+
+    fed = cfg.federation
+    beta = fed.server_momentum if fed.strategy == "fedavgm" else None
+    return auto_lr(fed.rounds, cfg.train.local_steps, dp=cfg.dp.enabled, server_momentum=beta)
+
+
+def _rule_value(cfg: RunConfig, lr: float) -> bool:
+    """Whether `lr` is what `train.lr = "auto"` gives for this run (a reloaded config.toml)."""
+    return abs(lr - _auto_lr(cfg)) <= 1e-9 * max(lr, 1e-12)
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

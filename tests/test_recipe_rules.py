@@ -73,6 +73,8 @@ def test_auto_step_size_is_resolved_by_the_rule_and_kept_in_the_run_config(tmp_p
     saved.write_text(config_to_toml(cfg))
     again = load_config(saved)
     assert again.train.lr == pytest.approx(cfg.train.lr) and again.train.lr_rule == "auto"
+    longer = load_config(saved, ["federation.rounds=9"])  # the saved number no longer fits
+    assert longer.train.lr == pytest.approx(cfg.train.lr) and longer.train.lr_rule == "fixed"
     momentum = load_config(None, ["train.lr=auto", "federation.strategy=fedavgm",
                                   "federation.rounds=25", "train.local_steps=1"])
     assert momentum.train.lr == pytest.approx(0.05 / 5 * 0.1)
