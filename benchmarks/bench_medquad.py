@@ -656,7 +656,8 @@ def write_report(result: dict, out: Path) -> None:
         f"question(s) per source against the reference cut to {result['gen_tokens']} tokens; a "
         "site-alone model answers its own source's questions. Example-gradients: "
         "sites × rounds × local steps × expected batch, from each run's config.toml; "
-        "\"9 x N\" = nine site-alone runs of N each (their seconds are summed over those runs). "
+        f"\"{len(result['sources'])} x N\" = {len(result['sources'])} site-alone runs of N each "
+        "(their seconds are summed over those runs). "
         "ε and δ: the largest a site of that run reported (metrics.jsonl), not the requested "
         "target.",
         "",
