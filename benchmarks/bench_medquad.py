@@ -214,13 +214,13 @@ class RunResult:
 
 def _finished(run_dir: Path) -> list[dict] | None:
     """metrics.jsonl of a run that completed every round (reused with --work), else None."""
-    path = run_dir / "metrics.jsonl"
-    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file() or not path.is_file():
-        return None
-    import tomllib
+    from fedtune.common.config import load_config
+    from fedtune.common.round_record import read_rounds
 
-    rounds = tomllib.loads((run_dir / "config.toml").read_text())["federation"]["rounds"]
-    records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not (run_dir / "adapter" / "adapter_model.safetensors").is_file():
+        return None
+    rounds = load_config(run_dir / "config.toml").federation.rounds
+    records = read_rounds(run_dir)
     return records if records and records[-1].get("round") == rounds else None
 
 

@@ -104,9 +104,9 @@ def run(sets: list[str], out_dir: Path) -> dict:
     started = time.time()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.time() - started
-    metrics_path = out_dir / "r" / "metrics.jsonl"
-    records = ([json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
-               if metrics_path.exists() else [])
+    from fedtune.common.round_record import read_rounds
+
+    records = read_rounds(out_dir / "r")
     evals = [r["eval"] for r in records if "eval" in r]
     return {
         "exit": proc.returncode,
