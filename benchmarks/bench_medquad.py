@@ -33,8 +33,9 @@ benchmark's own `--set KEY=VALUE` overrides them for one invocation. ε and δ i
 what each run's sites reported in metrics.jsonl (the ledger's figures), not what was asked.
 
     .venv/bin/python benchmarks/bench_medquad.py           # full: writes results/medquad.*
-    .venv/bin/python benchmarks/bench_medquad.py --quick   # 3 sources, tiny training
+    .venv/bin/python benchmarks/bench_medquad.py --quick   # 3 sources: results/medquad_quick.*
     .venv/bin/python benchmarks/bench_medquad.py --smoke --out /tmp/mq   # CI: 2 runs
+    .venv/bin/python benchmarks/bench_medquad.py --ablation --set lora.r=2 --out /tmp/r2
     .venv/bin/python benchmarks/bench_medquad.py --set train.lr=1e-3 --work /tmp/mqwork
 """
 
@@ -65,15 +66,17 @@ RESULTS = REPO / "results"
 # The recipe of every trained row: fedtune config keys, passed as `--set KEY=VALUE`. Change it
 # here (or with the benchmark's own --set). None leaves the key at fedtune's default.
 RECIPE: dict[str, Any] = {
-    # How these values were chosen; the report prints it. None was tried on MedQuAD.
+    # How these values were chosen; the report prints it. No DP setting was tried on MedQuAD.
     "provenance": "docs/privacy.md's DP recipe, fixed on the embedded cases before this "
                   "benchmark ran: AdamW with train.lr = \"auto\" (0.05 / sqrt(rounds x local "
-                  "steps) with DP, 0.05 / (rounds x local steps) without; common/step_size.py), "
+                  "steps) with DP, 0.05 / (rounds x local steps, at least 4) without; "
+                  "common/step_size.py), "
                   "expected batch 64, 4 rounds x 3 local steps; LoRA rank and target modules at "
                   "fedtune's defaults (PEFT's q_proj, v_proj); the PRV accountant (a tighter bound "
                   "of the same mechanism); model.max_length 256 from the answers' length "
-                  "distribution (not their content). No value was tried on the sites' records, "
-                  "so each row's ε is its whole privacy cost.",
+                  "distribution (not their content). No DP setting was tried on the sites' "
+                  "records; how each mode cuts the compute is stated under the table, with "
+                  "the one choice made after a run on these sources.",
     "sets": {
         "model.max_length": 256,
         "train.optimizer": "adamw",
@@ -108,24 +111,55 @@ class Mode:
     gen_tokens: int
     server_eval: int  # records the server itself evaluates before and after (invariant check)
     sets: dict[str, Any] = field(default_factory=dict)  # shrinks RECIPE's compute
+    compute: str = ""  # why and how `sets` shrinks it (printed in the report)
+    fed_nodp: bool = True  # the federated no-DP row
 
 
 MODES = {
-    # Evaluation is most of a row's time on 2 CPU cores (~4 s per held-out record at 128
-    # tokens, ~0.5 s per generated token, measured while shared): 24 models are measured.
+    # The DP recipe's own compute (batch 64 x 12 steps = 768 example-gradients per site at 256
+    # tokens) would take days on 2 CPU cores: ~0.7 s per SmolLM2 DP example-gradient at 128
+    # tokens (measured alone on the machine), 63 x the per-site amount over the 23 runs, plus
+    # ~25 s per `fedtune simulate` and each row's evaluation. Fitted to <= 2 h by that cost:
+    # batch 16, 2 rounds x 2 local steps, 128 tokens (64 example-gradients per site). Not fewer
+    # than 4 steps: at 2 steps the no-DP form of the "auto" rule (0.05 / 2: every weight moved
+    # by 0.025 per AdamW step) sent the no-DP rows far above the base model (a quick run on
+    # these sources), so the reference rows would have measured a divergence.
     "full": Mode(None, (1.0, 3.0, 8.0), True, True, eval_per_source=6, gen_questions=1,
-                 gen_tokens=64, server_eval=2),
-    # The three smallest sources, 2 rounds of 2 steps of 8 examples at 128 tokens.
-    "quick": Mode(("CDC", "NHLBI", "CancerGov"), (1.0, 3.0, 8.0), True, True,
-                  eval_per_source=3, gen_questions=1, gen_tokens=24, server_eval=2,
-                  sets={"federation.rounds": 2, "train.local_steps": 2, "train.batch_size": 8,
-                        "model.max_length": 128}),
+                 gen_tokens=48, server_eval=2,
+                 sets={"federation.rounds": 2, "train.local_steps": 2, "train.batch_size": 16,
+                       "model.max_length": 128},
+                 compute="the DP recipe's compute (batch 64 x 4 rounds x 3 steps at 256 tokens) "
+                         "cut to fit 2 h on 2 CPU cores by the measured cost per "
+                         "example-gradient: batch 16, 2 rounds x 2 steps, 128 tokens. The "
+                         "schedule was first 2 rounds x 1 step at batch 32; a quick run on "
+                         "these sources at 2 steps sent the no-DP rows above the base model "
+                         "(the no-DP rule's 0.025 AdamW step), so 4 steps is a choice made "
+                         "after seeing site records: ε does not cover it"),
+    # <= 10 min: the three smallest sources, 2 rounds x 2 steps of 4 examples at 64 tokens, one
+    # federated DP row (ε = 8): each `fedtune simulate` costs ~25 s before it trains.
+    "quick": Mode(("CDC", "NHLBI", "CancerGov"), (SITE_DP_EPSILON,), True, True,
+                  eval_per_source=3, gen_questions=1, gen_tokens=16, server_eval=1,
+                  sets={"federation.rounds": 2, "train.local_steps": 2, "train.batch_size": 4,
+                        "model.max_length": 64},
+                  compute="cut to finish in 10 min: 3 sources, batch 4, 2 rounds x 2 steps, "
+                          "64 tokens (4 steps, as in the full mode), federated DP at ε = 8 "
+                          "only"),
     # CI: the same code path on 2 sources, 2 runs (federated without DP and with DP ε = 8).
     "smoke": Mode(("CDC", "NHLBI"), (8.0,), False, False, eval_per_source=2, gen_questions=1,
                   gen_tokens=8, server_eval=1,
                   sets={"federation.rounds": 1, "train.local_steps": 1, "train.batch_size": 2,
-                        "model.max_length": 64}),
+                        "model.max_length": 64},
+                  compute="CI smoke: 2 sources, batch 2, 1 round x 1 step, 64 tokens"),
 }
+# One setting against the full table: the full mode's federated DP ε = 8 row alone (and the
+# base model), run with the benchmark's --set on top of the recipe.
+MODES["ablation"] = Mode(None, (SITE_DP_EPSILON,), False, False,
+                         **{k: getattr(MODES["full"], k) for k in (
+                             "eval_per_source", "gen_questions", "gen_tokens", "server_eval",
+                             "sets", "compute")}, fed_nodp=False)
+# Each mode's report and plot (smoke and ablation write only into their own --out).
+REPORT_STEM = {"full": "medquad", "quick": "medquad_quick", "smoke": "medquad",
+               "ablation": "medquad"}
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -340,7 +374,7 @@ def plan_rows(split: Split, mode: Mode, recipe: list[str]) -> list[Plan]:
     fed = [f"data.train={split.train}", "data.partition=column",
            "data.partition_column=source", f"federation.num_sites={n}"]
     rows = [Plan("fed/nodp", "federated, no DP", [*recipe, *data_common, *fed, big,
-                                                  "dp.enabled=false"], None)]
+                                                  "dp.enabled=false"], None)][:mode.fed_nodp]
     for eps in mode.epsilons:
         rows.append(Plan(f"fed/dp{eps:g}", f"federated, DP ε = {eps:g}",
                          [*recipe, *data_common, *fed, big, "dp.enabled=true",
@@ -436,7 +470,7 @@ def run_benchmark(mode_name: str, mode: Mode, extra_sets: list[str], work: Path,
         "held_out": split.held_counts, "train_records": split.train_counts,
         "eval_per_source": mode.eval_per_source, "gen_questions": mode.gen_questions,
         "gen_tokens": mode.gen_tokens, "recipe": {"provenance": RECIPE["provenance"],
-                                                  "sets": recipe},
+                                                  "compute": mode.compute, "sets": recipe},
         "rows": rows, "examples": picked, "targets": targets(rows, split.sources),
         "wall_s": time.time() - started_all,
     }
@@ -562,10 +596,12 @@ def _target_line(name: str, t: dict | None, text: str) -> str:
     return f"- {name}: **{'met' if t['met'] else 'missed'}**: {text}"
 
 
-def write_report(result: dict, out: Path) -> None:
+def write_report(result: dict, out: Path, stem: str = "medquad") -> None:
+    """<stem>.md, <stem>.json and <stem>_loss_vs_eps.png in `out`; a "## What it shows"
+    section already in <stem>.md (the reading, written by hand) is kept."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "medquad.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
-    png = out / "medquad_loss_vs_eps.png"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    png = out / f"{stem}_loss_vs_eps.png"
     plot(result, png)
     rows, sources, tg = result["rows"], result["sources"], result["targets"]
     m = result["machine"]
@@ -642,12 +678,14 @@ def write_report(result: dict, out: Path) -> None:
         "",
         f"Recipe chosen without site data: {result['recipe']['provenance']}",
         "",
+
         "Settings passed to every run: `" + " ".join(result["recipe"]["sets"]) + "`.",
         "",
         "## Pooled held-out results",
         "",
         *table,
         "",
+        f"Every row: {result['recipe'].get('compute') or '-'}. "
         "Answer loss: mean cross-entropy over answer tokens (prompt not scored) of the first "
         f"{result['eval_per_source']} held-out records of each source (a seeded sample), "
         "pooled with each source's held-out record count as its weight; perplexity = "
@@ -688,7 +726,7 @@ def write_report(result: dict, out: Path) -> None:
         f"GPU: {m['gpu'] or 'none'}; Python {m['python']}, torch {m['torch']}. Shared with "
         "other jobs: wall times vary with the load.",
     ]
-    report = out / "medquad.md"
+    report = out / f"{stem}.md"
     notes = ""  # the reading of the table, written by hand below it, is kept
     if report.exists() and "\n## What it shows" in report.read_text():
         notes = "\n## What it shows" + report.read_text().split("\n## What it shows", 1)[1]
@@ -698,9 +736,13 @@ def write_report(result: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     group = ap.add_mutually_exclusive_group()
-    group.add_argument("--quick", action="store_true", help="3 sources, tiny training")
+    group.add_argument("--quick", action="store_true",
+                       help="3 sources, tiny training (<= 10 min); writes medquad_quick.*")
     group.add_argument("--smoke", action="store_true",
                        help="CI: 2 sources, 2 runs; writes only into --out")
+    group.add_argument("--ablation", action="store_true",
+                       help="the full mode's federated DP ε = 8 row alone, with --set on top "
+                            "(e.g. lora.r=2); writes only into --out")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a RECIPE key for every run (repeatable)")
     ap.add_argument("--out", type=Path, help=f"where the report goes (default {RESULTS})")
@@ -713,10 +755,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--gen-questions", type=int, help="held-out questions per source for ROUGE-L")
     ap.add_argument("--gen-tokens", type=int, help="new tokens per greedy answer")
     ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--render", type=Path, metavar="JSON",
+                    help="rewrite the report and plot from a saved <stem>.json (no runs)")
     a = ap.parse_args(argv)
-    mode_name = "smoke" if a.smoke else "quick" if a.quick else "full"
-    if a.smoke and a.out is None and not a.no_write:
-        ap.error("--smoke writes only into --out DIR (never into results/)")
+    if a.render is not None:
+        result = json.loads(a.render.read_text(encoding="utf-8"))
+        stem = REPORT_STEM[result["mode"]]
+        # The settings are what ran; how they were chosen is today's wording when they match.
+        if result["recipe"]["sets"] == recipe_sets(MODES[result["mode"]], []):
+            result["recipe"].update(provenance=RECIPE["provenance"],
+                                    compute=MODES[result["mode"]].compute)
+        write_report(result, a.out or a.render.parent, stem)
+        print(f"wrote {(a.out or a.render.parent) / stem}.md from {a.render}")
+        return
+    mode_name = ("smoke" if a.smoke else "quick" if a.quick else
+                 "ablation" if a.ablation else "full")
+    if (a.smoke or a.ablation) and a.out is None and not a.no_write:
+        ap.error(f"--{mode_name} writes only into --out DIR (never into results/)")
     mode = MODES[mode_name]
     overrides = {k: v for k, v in (("eval_per_source", a.eval_per_source),
                                    ("gen_questions", a.gen_questions),
@@ -740,8 +795,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"target {name}: {'met' if t['met'] else 'missed'}")
     if not a.no_write:
         out = a.out or RESULTS
-        write_report(result, out)
-        print(f"wrote {out / 'medquad.md'}, medquad.json, medquad_loss_vs_eps.png")
+        stem = REPORT_STEM[mode_name]
+        write_report(result, out, stem)
+        print(f"wrote {out / stem}.md, {stem}.json, {stem}_loss_vs_eps.png")
 
 
 @contextlib.contextmanager

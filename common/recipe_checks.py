@@ -19,7 +19,7 @@ Each rule is stated where it is checked, so the warning can say what to change a
 from __future__ import annotations
 
 from fedtune.common.config import RunConfig
-from fedtune.common.step_size import TRAVEL
+from fedtune.common.step_size import MIN_STEPS, TRAVEL
 
 ADAMW_MAX_LR = 0.05
 
@@ -36,6 +36,8 @@ def train_line(cfg: RunConfig) -> str:
     lr = f"lr {t.lr:.3g}"
     if t.lr_rule == "auto":
         steps = f"{fed.rounds} rounds x {t.local_steps} steps"
+        if not cfg.dp.enabled and fed.rounds * t.local_steps < MIN_STEPS:
+            steps = f"at least {MIN_STEPS} steps"  # the no-DP form's floor (step_size.py)
         lr += (f" (auto: {TRAVEL:g} / " + (f"sqrt({steps})" if cfg.dp.enabled else f"({steps})")
                + (f" x (1 - {fed.server_momentum:g})" if fed.strategy == "fedavgm" else "")
                + ")")

@@ -16,8 +16,8 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-RESULTS = [REPO / "results" / n for n in
-           ("medquad.md", "medquad.json", "medquad_loss_vs_eps.png")]
+RESULTS = [REPO / "results" / f"{stem}{ext}" for stem in ("medquad", "medquad_quick")
+           for ext in (".md", ".json", "_loss_vs_eps.png")]
 
 
 def _stamp() -> dict[Path, float | None]:
@@ -72,5 +72,16 @@ def test_medquad_smoke(tmp_path: Path, shared_datasets: Path):
     assert "| row | pooled answer loss | perplexity | ROUGE-L |" in report
     assert "| federated, DP ε = 8 |" in report and "| base model (no training) |" in report
     assert "Recipe chosen without site data:" in report
+    assert "Every row: CI smoke" in report  # how the mode cut the compute, under the table
     png = tmp_path / "medquad_loss_vs_eps.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The page can be rewritten from its data alone (no runs), to the same text.
+    rendered = tmp_path / "rendered"
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_medquad.py", "--render",
+         str(tmp_path / "medquad.json"), "--out", str(rendered)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (rendered / "medquad.md").read_text() == report
+    assert (rendered / "medquad_loss_vs_eps.png").is_file()

@@ -61,8 +61,8 @@ def test_fedavgm_with_too_few_rounds_for_its_momentum_is_warned(rounds, warned):
 
 def test_auto_step_size_is_resolved_by_the_rule_and_kept_in_the_run_config(tmp_path):
     """`train.lr = "auto"` becomes 0.05 / sqrt(rounds x local steps) with DP, 0.05 / (rounds x
-    local steps) without (x (1 - beta) under FedAvgM); the saved config.toml keeps the number
-    and says it came from the rule."""
+    local steps, at least 4) without (x (1 - beta) under FedAvgM); the saved config.toml keeps
+    the number and says it came from the rule."""
     from fedtune.common.config import ConfigError, config_to_toml
     from fedtune.common.recipe_checks import train_line
 
@@ -82,6 +82,14 @@ def test_auto_step_size_is_resolved_by_the_rule_and_kept_in_the_run_config(tmp_p
                                "train.local_steps=4"])
     assert no_dp.train.lr == pytest.approx(0.05 / 16)
     assert "auto: 0.05 / (4 rounds x 4 steps)" in train_line(no_dp)
+    # Without DP a run shorter than 4 steps gets a 4-step run's step size (AdamW's first steps
+    # are full-size sign steps); with DP the rule is not floored.
+    short = load_config(None, ["train.lr=auto", "dp.enabled=false", "federation.rounds=2",
+                               "train.local_steps=1"])
+    assert short.train.lr == pytest.approx(0.05 / 4)
+    assert "auto: 0.05 / (at least 4 steps)" in train_line(short)
+    short_dp = load_config(None, ["train.lr=auto", "federation.rounds=2", "train.local_steps=1"])
+    assert short_dp.train.lr == pytest.approx(0.05 / 2**0.5)
     with pytest.raises(ConfigError, match=r'train.lr = "auto" is a rule for AdamW'):
         load_config(None, ["train.lr=auto", "train.optimizer=sgd"])
 
