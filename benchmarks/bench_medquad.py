@@ -374,7 +374,9 @@ def plan_rows(split: Split, mode: Mode, recipe: list[str]) -> list[Plan]:
     fed = [f"data.train={split.train}", "data.partition=column",
            "data.partition_column=source", f"federation.num_sites={n}"]
     rows = [Plan("fed/nodp", "federated, no DP", [*recipe, *data_common, *fed, big,
-                                                  "dp.enabled=false"], None)][:mode.fed_nodp]
+                                                  "dp.enabled=false"], None)]
+    if not mode.fed_nodp:
+        rows = []
     for eps in mode.epsilons:
         rows.append(Plan(f"fed/dp{eps:g}", f"federated, DP ε = {eps:g}",
                          [*recipe, *data_common, *fed, big, "dp.enabled=true",
@@ -759,7 +761,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="rewrite the report and plot from a saved <stem>.json (no runs)")
     a = ap.parse_args(argv)
     if a.render is not None:
-        result = json.loads(a.render.read_text(encoding="utf-8"))
+        try:
+            result = json.loads(a.render.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"--render {a.render}: cannot read a saved result ({e})") from None
         stem = REPORT_STEM[result["mode"]]
         # The settings are what ran; how they were chosen is today's wording when they match.
         if result["recipe"]["sets"] == recipe_sets(MODES[result["mode"]], []):
