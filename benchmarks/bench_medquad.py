@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +153,8 @@ MODES = {
 }
 # One setting against the full table: the full mode's federated DP ε = 8 row alone (and the
 # base model), run with the benchmark's --set on top of the recipe.
-MODES["ablation"] = Mode(None, (SITE_DP_EPSILON,), False, False,
-                         **{k: getattr(MODES["full"], k) for k in (
-                             "eval_per_source", "gen_questions", "gen_tokens", "server_eval",
-                             "sets", "compute")}, fed_nodp=False)
+MODES["ablation"] = replace(MODES["full"], epsilons=(SITE_DP_EPSILON,), site_rows=False,
+                            central=False, fed_nodp=False)
 # Each mode's report and plot (smoke and ablation write only into their own --out).
 REPORT_STEM = {"full": "medquad", "quick": "medquad_quick", "smoke": "medquad",
                "ablation": "medquad"}
@@ -782,7 +780,7 @@ def main(argv: list[str] | None = None) -> None:
                                    ("gen_questions", a.gen_questions),
                                    ("gen_tokens", a.gen_tokens)) if v is not None}
     if overrides:
-        mode = Mode(**{**mode.__dict__, **overrides})
+        mode = replace(mode, **overrides)
     if not (DATA / "medquad.jsonl").is_file():
         raise SystemExit(f"{DATA / 'medquad.jsonl'} not found (set FEDTUNE_DATASETS)")
     command = shlex.join(["python", "benchmarks/bench_medquad.py",

@@ -107,8 +107,8 @@ class TrainConfig(_Section):
     # Expected batch size; with DP the batches are Poisson-sampled at rate batch_size / records.
     batch_size: int = Field(8, gt=0)
     # AdamW's step size, or "auto": 0.05 / sqrt(rounds x local_steps) with DP (the noise then
-    # moves each weight about as far however long the run), 0.05 / (rounds x local_steps)
-    # without (common/step_size.py).
+    # moves each weight about as far however long the run), 0.05 / (rounds x local_steps, at
+    # least 4) without (common/step_size.py).
     # The run's config.toml then holds the number and lr_rule = "auto".
     lr: float | Literal["auto"] = Field(2e-3)
     lr_rule: Literal["fixed", "auto"] = "fixed"
@@ -447,12 +447,17 @@ class RunConfig(_Section):
         t.lr_rule = "auto"
 
 
+def auto_lr_inputs(cfg: RunConfig) -> dict[str, Any]:
+    """What the "auto" step-size rule (common/step_size.py) reads from a run's config."""
+    fed = cfg.federation
+    return {"rounds": fed.rounds, "local_steps": cfg.train.local_steps, "dp": cfg.dp.enabled,
+            "server_momentum": fed.server_momentum if fed.strategy == "fedavgm" else None}
+
+
 def _auto_lr(cfg: RunConfig) -> float:
     from fedtune.common.step_size import auto_lr
 
-    fed = cfg.federation
-    beta = fed.server_momentum if fed.strategy == "fedavgm" else None
-    return auto_lr(fed.rounds, cfg.train.local_steps, dp=cfg.dp.enabled, server_momentum=beta)
+    return auto_lr(**auto_lr_inputs(cfg))
 
 
 def _rule_value(cfg: RunConfig, lr: float) -> bool:

@@ -18,8 +18,8 @@ Each rule is stated where it is checked, so the warning can say what to change a
 
 from __future__ import annotations
 
-from fedtune.common.config import RunConfig
-from fedtune.common.step_size import MIN_STEPS, TRAVEL
+from fedtune.common.config import RunConfig, auto_lr_inputs
+from fedtune.common.step_size import auto_lr_formula
 
 ADAMW_MAX_LR = 0.05
 
@@ -32,15 +32,10 @@ def momentum_ramp(beta: float, rounds: int) -> float:
 def train_line(cfg: RunConfig) -> str:
     """The run header's training line: optimizer, step sizes (and the rule behind an "auto"
     one), expected batch."""
-    t, fed = cfg.train, cfg.federation
+    t = cfg.train
     lr = f"lr {t.lr:.3g}"
     if t.lr_rule == "auto":
-        steps = f"{fed.rounds} rounds x {t.local_steps} steps"
-        if not cfg.dp.enabled and fed.rounds * t.local_steps < MIN_STEPS:
-            steps = f"at least {MIN_STEPS} steps"  # the no-DP form's floor (step_size.py)
-        lr += (f" (auto: {TRAVEL:g} / " + (f"sqrt({steps})" if cfg.dp.enabled else f"({steps})")
-               + (f" x (1 - {fed.server_momentum:g})" if fed.strategy == "fedavgm" else "")
-               + ")")
+        lr += f" (auto: {auto_lr_formula(**auto_lr_inputs(cfg))})"
     head = f", head lr {t.head_lr:.3g}" if t.head_lr is not None else ""
     return f"training: {t.optimizer}, {lr}{head}, expected batch {t.batch_size} per site"
 

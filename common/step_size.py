@@ -47,3 +47,13 @@ def auto_lr(rounds: int, local_steps: int, *, dp: bool = True,
     steps = rounds * local_steps
     lr = TRAVEL / (math.sqrt(steps) if dp else max(steps, MIN_STEPS))
     return lr * (1 - server_momentum) if server_momentum is not None else lr
+
+
+def auto_lr_formula(rounds: int, local_steps: int, *, dp: bool = True,
+                    server_momentum: float | None = None) -> str:
+    """`auto_lr`'s formula for this run, as the run header prints it."""
+    steps = f"{rounds} rounds x {local_steps} steps"
+    if not dp and rounds * local_steps < MIN_STEPS:
+        steps = f"at least {MIN_STEPS} steps"
+    return (f"{TRAVEL:g} / " + (f"sqrt({steps})" if dp else f"({steps})")
+            + (f" x (1 - {server_momentum:g})" if server_momentum is not None else ""))
